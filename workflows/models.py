@@ -1,0 +1,254 @@
+"""The session's data: what a backend sends in, what the workflow hands back.
+
+Everything here is validated strictly at the edge (extra fields forbidden, identities and session ids to a
+strict charset and length), so bad input is rejected with a clear error before any workflow or room exists.
+These models travel through Temporal with the pydantic data converter; they import nothing of ours.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+
+# session ids become workflow ids and LiveKit room names (`session-<id>`): keep them short and URL-safe.
+SessionId = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{2,63}$")]
+# identities become LiveKit participant identities and show in the UI: no spaces, no personal data by design.
+Identity = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+DisplayName = Annotated[str, StringConstraints(min_length=1, max_length=128)]
+
+ROOM_PREFIX = "session-"
+MAX_METADATA_BYTES = 4096
+# Identities the engine itself uses in a room; a human participant may not take them.
+RESERVED_IDENTITY_PREFIXES = ("avatar-", "monitor-")
+
+
+def workflow_id_for(session_id: str) -> str:
+    """The workflow id, which is also the LiveKit room name: every resource we create carries it."""
+    return f"{ROOM_PREFIX}{session_id}"
+
+
+def avatar_identity_for(session_id: str) -> str:
+    return f"avatar-{session_id}"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SessionKind(StrEnum):
+    INTERVIEW = "interview"
+    COACHING = "coaching"
+
+
+class Role(StrEnum):
+    CANDIDATE = "candidate"
+    COACH = "coach"
+    INTERVIEWER = "interviewer"
+    OBSERVER = "observer"
+
+
+class SessionStatus(StrEnum):
+    PROVISIONING = "provisioning"
+    WAITING = "waiting"
+    LIVE = "live"
+    DEGRADED = "degraded"
+    ENDING = "ending"
+    ENDED = "ended"
+    FAILED = "failed"
+
+
+class EndReason(StrEnum):
+    REQUESTED = "requested"  # the `end` update
+    MAX_DURATION = "max_duration"
+    NO_SHOW = "no_show"
+    ROOM_CLOSED = "room_closed"  # LiveKit closed the room on its own (everyone left, or it was deleted)
+    CANCELLED = "cancelled"
+    FAILED = "failed"
+
+
+class Participant(Strict):
+    identity: Identity
+    role: Role
+    name: DisplayName | None = None
+
+    @field_validator("identity")
+    @classmethod
+    def _not_reserved(cls, v: str) -> str:
+        if v.startswith(RESERVED_IDENTITY_PREFIXES):
+            raise ValueError(f"identity {v!r} uses a prefix reserved for the engine ({', '.join(RESERVED_IDENTITY_PREFIXES)})")
+        return v
+
+
+class AvatarStart(StrEnum):
+    ON_FIRST_JOIN = "on_first_join"  # saves credits: nobody to talk to, nothing billed
+    IMMEDIATELY = "immediately"
+
+
+class AvatarSpec(Strict):
+    avatar_id: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")]
+    is_sandbox: bool = False
+    start: AvatarStart = AvatarStart.ON_FIRST_JOIN
+
+
+class SessionSpec(Strict):
+    """Everything a session needs to know, fixed when it starts."""
+
+    session_id: SessionId
+    kind: SessionKind
+    participants: Annotated[list[Participant], Field(min_length=1, max_length=50)]
+    avatar: AvatarSpec | None = None
+    max_duration: Annotated[timedelta, Field(ge=timedelta(seconds=30), le=timedelta(hours=8))] = timedelta(hours=1)
+    # `extend` may push the end out to at most this long after the start.
+    max_duration_cap: Annotated[timedelta, Field(ge=timedelta(seconds=30), le=timedelta(hours=12))] = timedelta(hours=2)
+    no_show_timeout: Annotated[timedelta, Field(ge=timedelta(seconds=5), le=timedelta(hours=1))] = timedelta(minutes=10)
+    max_participants: Annotated[int, Field(ge=1, le=50)] | None = None
+    metadata: dict[Annotated[str, StringConstraints(max_length=64)], Annotated[str, StringConstraints(max_length=1024)]] = {}
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SessionSpec:
+        identities = [p.identity for p in self.participants]
+        dupes = sorted({i for i in identities if identities.count(i) > 1})
+        if dupes:
+            raise ValueError(f"participant identities must be unique; repeated: {', '.join(dupes)}")
+        if self.max_duration_cap < self.max_duration:
+            raise ValueError("max_duration_cap must be at least max_duration")
+        size = len(json.dumps(self.metadata, separators=(",", ":")).encode())
+        if size > MAX_METADATA_BYTES:
+            raise ValueError(f"metadata is {size} bytes as JSON; the limit is {MAX_METADATA_BYTES}")
+        return self
+
+    @property
+    def workflow_id(self) -> str:
+        return workflow_id_for(self.session_id)
+
+    @property
+    def room_name(self) -> str:
+        return workflow_id_for(self.session_id)
+
+    @property
+    def room_capacity(self) -> int:
+        return self.max_participants or len(self.participants)
+
+    def participant(self, identity: str) -> Participant | None:
+        return next((p for p in self.participants if p.identity == identity), None)
+
+
+class JoinRequest(Strict):
+    identity: Identity
+
+
+class JoinGrant(Strict):
+    """What a participant needs to connect: hand `url` and `token` to the LiveKit client SDK."""
+
+    url: str
+    room: str
+    identity: str
+    role: Role
+    token: str
+    expires_at: datetime
+
+
+class EndRequest(Strict):
+    reason: Annotated[str, StringConstraints(min_length=1, max_length=200)] = "ended by request"
+
+
+class ExtendRequest(Strict):
+    by: Annotated[timedelta, Field(gt=timedelta(0), le=timedelta(hours=4))]
+
+
+class RoomEventKind(StrEnum):
+    PARTICIPANT_JOINED = "participant_joined"
+    PARTICIPANT_LEFT = "participant_left"
+    ROOM_FINISHED = "room_finished"
+
+
+class RoomEvent(Strict):
+    """A room happening, from the LiveKit webhook receiver (or, later, the room monitor). Deduplicated by id."""
+
+    event_id: Annotated[str, StringConstraints(min_length=1, max_length=128)]
+    kind: RoomEventKind
+    identity: str | None = None
+
+
+# ---- activity inputs and outputs -------------------------------------------------------------------------
+
+
+class CreateRoomInput(Strict):
+    room: str
+    workflow_id: str
+    session_kind: SessionKind
+    max_participants: int
+    empty_timeout_s: int
+    departure_timeout_s: int
+
+
+class MintTokenInput(Strict):
+    room: str
+    identity: str
+    name: str | None = None
+    role: Role | None = None  # None: the avatar (agent kind, publish + data)
+    ttl: timedelta
+
+
+class CreateAvatarInput(Strict):
+    session_id: str
+    room: str
+    avatar: AvatarSpec
+    max_session_duration_s: int
+
+
+class AvatarCreated(Strict):
+    avatar_session_id: str
+    session_token: str
+
+
+class StartAvatarInput(Strict):
+    avatar_session_id: str
+    session_token: str
+
+
+class AvatarRef(Strict):
+    avatar_session_id: str
+
+
+# ---- what the outside reads ------------------------------------------------------------------------------
+
+
+class SessionState(BaseModel):
+    """The `state` query: what support sees when they ask "what is this session doing?"."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    session_id: str
+    kind: SessionKind
+    status: SessionStatus
+    room: str
+    started_at: datetime
+    ends_at: datetime
+    present: list[str]
+    admitted: list[str]
+    avatar_session_id: str | None
+    avatar_present: bool
+    end_reason: EndReason | None
+    end_detail: str | None
+
+
+class SessionOutcome(BaseModel):
+    """The workflow result."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    session_id: str
+    status: SessionStatus
+    end_reason: EndReason
+    end_detail: str | None
+    started_at: datetime
+    ended_at: datetime
+    live_seconds: float
+    avatar_sessions: list[str]
+    avatar_seconds: float
+    participants_joined: list[str]
