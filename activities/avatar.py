@@ -1,0 +1,154 @@
+"""LiveAvatar side effects: create (no billing), start (billing starts), keep alive, stop.
+
+The avatar joins our own LiveKit room in LITE mode with a token we mint (kind agent, publish + data). Every
+failure is classified: auth and validation errors are final, rate limits wait for `Retry-After`, server errors
+and unreachable service are retried by the activity's retry policy. Stopping is idempotent: an avatar session
+that has already ended counts as stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import timedelta
+
+import httpx
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from activities.errors import never_final
+from activities.livekit import mint_token
+from activities.liveavatar_client import (
+    LiveAvatarAuthError,
+    LiveAvatarClient,
+    LiveAvatarError,
+    LiveAvatarNotFound,
+    LiveAvatarRateLimited,
+    LiveAvatarServerError,
+    LiveAvatarValidationError,
+)
+from workers.settings import Settings
+from workflows.models import AvatarCreated, AvatarRef, CreateAvatarInput, MintTokenInput, StartAvatarInput, avatar_identity_for
+
+KEEPALIVE_EVERY = timedelta(seconds=30)  # LiveAvatar ends a session after 5 idle minutes; <= 60 s is the rule
+HEARTBEAT_EVERY = timedelta(seconds=2)
+
+
+def classify_liveavatar_error(exc: BaseException, what: str, *, final_5xx: bool = False) -> BaseException:
+    """The error an activity raises for a failed LiveAvatar call."""
+    if isinstance(exc, LiveAvatarRateLimited):
+        delay = timedelta(seconds=exc.retry_after) if exc.retry_after else None
+        return ApplicationError(f"LiveAvatar rate-limited {what}", type="LiveAvatarRateLimited", next_retry_delay=delay)
+    if isinstance(exc, LiveAvatarAuthError):
+        return ApplicationError(
+            f"LiveAvatar refused the credentials to {what}: {exc} (check LIVEAVATAR_API_KEY)",
+            type="LiveAvatarAuthError",
+            non_retryable=True,
+        )
+    if isinstance(exc, LiveAvatarValidationError):
+        return ApplicationError(f"LiveAvatar rejected the request to {what}: {exc}", type="LiveAvatarInvalid", non_retryable=True)
+    if isinstance(exc, LiveAvatarServerError):
+        return ApplicationError(
+            f"LiveAvatar failed to {what}: {exc}", type="LiveAvatarServerError", non_retryable=final_5xx
+        )
+    if isinstance(exc, LiveAvatarError):
+        return ApplicationError(f"LiveAvatar refused to {what}: {exc}", type=type(exc).__name__)
+    if isinstance(exc, (httpx.TransportError, TimeoutError)):
+        return ApplicationError(f"LiveAvatar unreachable while trying to {what}: {exc!r}", type="LiveAvatarUnavailable")
+    return exc
+
+
+class AvatarActivities:
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+
+    @asynccontextmanager
+    async def _client(self) -> AsyncIterator[LiveAvatarClient]:
+        async with LiveAvatarClient(
+            base_url=self._settings.liveavatar_api_url,
+            api_key=self._settings.liveavatar_api_key.get_secret_value(),
+            timeout=self._settings.liveavatar_call_timeout_s,
+        ) as client:
+            yield client
+
+    @activity.defn
+    async def create_avatar_session(self, inp: CreateAvatarInput) -> AvatarCreated:
+        """Step A: allocate a LiveAvatar session for our room. Nothing is billed until it is started."""
+        token, _ = mint_token(
+            self._settings,
+            MintTokenInput(
+                room=inp.room,
+                identity=avatar_identity_for(inp.session_id),
+                name="Avatar",
+                role=None,
+                ttl=timedelta(seconds=inp.max_session_duration_s) + timedelta(minutes=10),
+            ),
+        )
+        async with self._client() as client:
+            try:
+                created = await client.create_session_token(
+                    inp.avatar.avatar_id,
+                    livekit_url=self._settings.livekit_url,
+                    livekit_room=inp.room,
+                    livekit_client_token=token,
+                    max_session_duration=inp.max_session_duration_s,
+                    is_sandbox=inp.avatar.is_sandbox,
+                )
+            except Exception as e:
+                raise classify_liveavatar_error(e, "create an avatar session") from e
+        activity.logger.info("avatar session created", extra={"avatar_session_id": created.session_id})
+        return AvatarCreated(avatar_session_id=created.session_id, session_token=created.session_token)
+
+    @activity.defn
+    async def start_avatar_session(self, inp: StartAvatarInput) -> None:
+        """Step B: start the avatar; it joins the room. Billing starts here.
+
+        A 500 here usually means a bad LiveKit config for the avatar (reference/liveavatar-api.md §3.2): final.
+        """
+        async with self._client() as client:
+            try:
+                await client.start_session(inp.session_token)
+            except Exception as e:
+                raise classify_liveavatar_error(e, f"start avatar {inp.avatar_session_id}", final_5xx=True) from e
+        activity.logger.info("avatar started", extra={"avatar_session_id": inp.avatar_session_id})
+
+    @activity.defn
+    async def keep_avatar_alive(self, ref: AvatarRef) -> None:
+        """Keep the avatar session from idling out, until cancelled; fail when LiveAvatar says it has ended.
+
+        Heartbeats often, so a cancel (session ending) or a lost worker is noticed within seconds.
+        """
+        async with self._client() as client:
+            while True:
+                try:
+                    await client.keep_alive(ref.avatar_session_id)
+                    entry = await client.get_session(ref.avatar_session_id)
+                except LiveAvatarNotFound as e:
+                    raise ApplicationError(
+                        f"avatar session {ref.avatar_session_id} is gone: {e}", type="AvatarSessionEnded", non_retryable=True
+                    ) from e
+                except Exception as e:
+                    raise classify_liveavatar_error(e, f"keep avatar {ref.avatar_session_id} alive") from e
+                if entry.is_ended:
+                    raise ApplicationError(
+                        f"avatar session {ref.avatar_session_id} ended ({entry.end_reason})",
+                        type="AvatarSessionEnded",
+                        non_retryable=True,
+                    )
+                for _ in range(int(KEEPALIVE_EVERY / HEARTBEAT_EVERY)):
+                    activity.heartbeat()
+                    await asyncio.sleep(HEARTBEAT_EVERY.total_seconds())
+
+    @activity.defn
+    async def stop_avatar_session(self, ref: AvatarRef) -> None:
+        """Stop the avatar session (API key + session id). Already ended or unknown counts as stopped.
+
+        A cleanup step: it never gives up (see `never_final`).
+        """
+        async with self._client() as client:
+            try:
+                await client.stop_session_confirmed(ref.avatar_session_id)
+            except Exception as e:
+                raise never_final(classify_liveavatar_error(e, f"stop avatar {ref.avatar_session_id}")) from e
+        activity.logger.info("avatar stopped", extra={"avatar_session_id": ref.avatar_session_id})
