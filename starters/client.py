@@ -1,0 +1,241 @@
+"""SessionClient: how a Python backend drives sessions.
+
+    async with SessionClient.connect() as sessions:
+        grant = await sessions.join(spec, "cand-1")        # starts the session on the first call
+        ...hand grant.url and grant.token to the participant's LiveKit client...
+        state = await sessions.end(spec.session_id, "interview over")
+
+Every failure a caller can cause comes back as a `SessionError` subclass with a message a person can act on;
+input is validated before anything reaches Temporal, so bad input changes nothing.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from types import TracebackType
+from typing import Self
+
+from pydantic import TypeAdapter, ValidationError
+from temporalio.client import (
+    Client,
+    WithStartWorkflowOperation,
+    WorkflowHandle,
+    WorkflowUpdateFailedError,
+)
+from temporalio.common import SearchAttributePair, TypedSearchAttributes, WorkflowIDConflictPolicy, WorkflowIDReusePolicy
+from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
+from temporalio.service import RPCError, RPCStatusCode
+
+from workers.settings import Settings, get_settings
+from workers.temporal import connect
+from workflows.models import (
+    EndRequest,
+    ExtendRequest,
+    JoinGrant,
+    JoinRequest,
+    SessionId,
+    SessionOutcome,
+    SessionSpec,
+    SessionState,
+    SessionStatus,
+    workflow_id_for,
+)
+from workflows.session import SESSION_ID, SESSION_KIND, SESSION_STATUS, SessionWorkflow
+
+
+class SessionError(Exception):
+    """Something the caller asked for cannot be done; the message says what and what to do."""
+
+
+class InvalidInput(SessionError):
+    pass
+
+
+class UnknownParticipant(SessionError):
+    pass
+
+
+class SessionEnded(SessionError):
+    pass
+
+
+class RoomFull(SessionError):
+    pass
+
+
+class ExtendBeyondCap(SessionError):
+    pass
+
+
+class SessionNotFound(SessionError):
+    pass
+
+
+_REFUSALS: dict[str, type[SessionError]] = {
+    "UnknownParticipant": UnknownParticipant,
+    "SessionEnded": SessionEnded,
+    "RoomFull": RoomFull,
+    "ExtendBeyondCap": ExtendBeyondCap,
+}
+_SESSION_ID = TypeAdapter(SessionId)
+
+
+def _check_session_id(session_id: str) -> str:
+    try:
+        return _SESSION_ID.validate_python(session_id, strict=True)
+    except ValidationError:
+        raise InvalidInput(
+            f"session id {session_id!r} is not valid: use 3-64 characters of a-z, 0-9, '-' and '_', "
+            "starting with a letter or digit"
+        ) from None
+
+
+def _validated(model: type, data: object):  # type: ignore[no-untyped-def]
+    if isinstance(data, model):
+        return data
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise InvalidInput(f"invalid {model.__name__}: {e}") from None
+
+
+def _translate(e: BaseException, session_id: str) -> BaseException:
+    """Map what Temporal raised to the error a caller can act on."""
+    if isinstance(e, WorkflowUpdateFailedError):
+        cause = e.cause
+        if isinstance(cause, ApplicationError) and cause.type in _REFUSALS:
+            return _REFUSALS[cause.type](cause.message)
+    if isinstance(e, WorkflowAlreadyStartedError):
+        return SessionEnded(f"session {session_id!r} has ended; start a new session id")
+    if isinstance(e, RPCError) and e.status == RPCStatusCode.NOT_FOUND:
+        if "update" in e.message.lower() and "completed" in e.message.lower():
+            return SessionEnded(f"session {session_id!r} has ended")
+        return SessionNotFound(f"no session {session_id!r}: it was never started (or has been deleted)")
+    if isinstance(e, RPCError) and "workflow execution already completed" in e.message.lower():
+        return SessionEnded(f"session {session_id!r} has ended")
+    return e
+
+
+class SessionClient:
+    def __init__(self, client: Client, settings: Settings, *, task_queue: str | None = None) -> None:
+        self.client = client
+        self.settings = settings
+        self.task_queue = task_queue or settings.task_queue
+
+    @classmethod
+    async def connect(cls, settings: Settings | None = None, *, task_queue: str | None = None) -> SessionClient:
+        settings = settings or get_settings()
+        return cls(await connect(settings), settings, task_queue=task_queue)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *_: type[BaseException] | BaseException | TracebackType | None) -> None:
+        return None
+
+    def handle(self, session_id: str) -> WorkflowHandle[SessionWorkflow, SessionOutcome]:
+        return self.client.get_workflow_handle_for(SessionWorkflow.run, workflow_id_for(_check_session_id(session_id)))
+
+    async def join(self, spec: SessionSpec | dict, identity: str) -> JoinGrant:  # type: ignore[type-arg]
+        """Start the session if it is not running yet, admit `identity` and return their grant.
+
+        One call, idempotent per session: the first creates the workflow (update-with-start), later ones join
+        the running session. A session that has ended never restarts under the same id.
+        """
+        spec = _validated(SessionSpec, spec)
+        request = _validated(JoinRequest, {"identity": identity})
+        if spec.participant(request.identity) is None:
+            # Caught here too so a wrong identity never starts a session.
+            raise UnknownParticipant(
+                f"{identity!r} is not on the roster of session {spec.session_id!r}; "
+                "add them to the session's participants when starting it"
+            )
+        start = WithStartWorkflowOperation(SessionWorkflow.run, spec, **self._start_options(spec))
+        try:
+            return await self.client.execute_update_with_start_workflow(
+                SessionWorkflow.join, request, start_workflow_operation=start, result_type=JoinGrant
+            )
+        except Exception as e:
+            raise _translate(e, spec.session_id) from e
+
+    async def join_running(self, session_id: str, identity: str) -> JoinGrant:
+        """Admit `identity` to a session that is already running (started earlier by `start` or `join`)."""
+        request = _validated(JoinRequest, {"identity": identity})
+        try:
+            return await self.handle(session_id).execute_update(SessionWorkflow.join, request)
+        except Exception as e:
+            raise _translate(e, session_id) from e
+
+    async def start(self, spec: SessionSpec | dict) -> WorkflowHandle[SessionWorkflow, SessionOutcome]:  # type: ignore[type-arg]
+        """Start the session ahead of its first join (the room is created now); a running one is left as is."""
+        spec = _validated(SessionSpec, spec)
+        try:
+            return await self.client.start_workflow(SessionWorkflow.run, spec, **self._start_options(spec))
+        except Exception as e:
+            raise _translate(e, spec.session_id) from e
+
+    def _start_options(self, spec: SessionSpec) -> dict:  # type: ignore[type-arg]
+        return dict(
+            id=spec.workflow_id,
+            task_queue=self.task_queue,
+            # A running session is joined, never duplicated; an ended one never restarts under its id.
+            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+            id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+            search_attributes=TypedSearchAttributes(
+                [
+                    SearchAttributePair(SESSION_ID, spec.session_id),
+                    SearchAttributePair(SESSION_KIND, spec.kind.value),
+                    SearchAttributePair(SESSION_STATUS, SessionStatus.PROVISIONING.value),
+                ]
+            ),
+            static_summary=_summary(spec),
+            static_details=_details(spec),
+        )
+
+    async def end(self, session_id: str, reason: str = "ended by request") -> SessionState:
+        """End the session; returns once its room and avatar are released."""
+        request = _validated(EndRequest, {"reason": reason})
+        try:
+            return await self.handle(session_id).execute_update(SessionWorkflow.end, request)
+        except Exception as e:
+            raise _translate(e, session_id) from e
+
+    async def extend(self, session_id: str, by: timedelta) -> SessionState:
+        request = _validated(ExtendRequest, {"by": by})
+        try:
+            return await self.handle(session_id).execute_update(SessionWorkflow.extend, request)
+        except Exception as e:
+            raise _translate(e, session_id) from e
+
+    async def state(self, session_id: str) -> SessionState:
+        try:
+            return await self.handle(session_id).query(SessionWorkflow.state)
+        except Exception as e:
+            raise _translate(e, session_id) from e
+
+    async def outcome(self, session_id: str) -> SessionOutcome:
+        """Wait for the session to close and return its outcome."""
+        try:
+            return await self.handle(session_id).result()
+        except Exception as e:
+            raise _translate(e, session_id) from e
+
+    def ui_url(self, session_id: str) -> str:
+        return (
+            f"{self.settings.temporal_ui_url}/namespaces/{self.settings.temporal_namespace}"
+            f"/workflows/{workflow_id_for(session_id)}"
+        )
+
+
+def _summary(spec: SessionSpec) -> str:
+    avatar = " with avatar" if spec.avatar else ""
+    return f"{spec.kind.value} {spec.session_id}{avatar}, {len(spec.participants)} on the roster"
+
+
+def _details(spec: SessionSpec) -> str:
+    roster = "\n".join(f"- `{p.identity}` ({p.role.value})" for p in spec.participants)
+    return (
+        f"**{spec.kind.value}** session `{spec.session_id}`, room `{spec.room_name}`\n\n"
+        f"max duration {spec.max_duration}, cap {spec.max_duration_cap}, no-show after {spec.no_show_timeout}\n\n"
+        f"roster:\n{roster}"
+    )

@@ -1,0 +1,191 @@
+"""SessionWorkflow's timers, updates and cleanup, on the time-skipping test server with stub activities."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+
+import pytest
+from temporalio.client import WorkflowExecutionStatus, WorkflowFailureError, WorkflowHandle
+from temporalio.exceptions import ApplicationError
+
+from starters.client import ExtendBeyondCap, RoomFull, SessionClient, SessionEnded, UnknownParticipant
+from tests.workflows.conftest import StubWorld
+from workflows.models import EndReason, JoinGrant, SessionOutcome, RoomEvent, RoomEventKind, SessionSpec, SessionStatus
+from workflows.session import SessionWorkflow
+
+
+def make_spec(**overrides) -> SessionSpec:  # type: ignore[no-untyped-def]
+    base = {
+        "session_id": f"s-{uuid.uuid4().hex[:12]}",
+        "kind": "interview",
+        "participants": [
+            {"identity": "cand", "role": "candidate"},
+            {"identity": "obs", "role": "observer"},
+        ],
+        "max_duration": timedelta(minutes=30),
+        "max_duration_cap": timedelta(minutes=45),
+        "no_show_timeout": timedelta(minutes=5),
+    }
+    return SessionSpec.model_validate(base | overrides)
+
+
+async def admit(sessions: SessionClient, spec: SessionSpec, identity: str) -> JoinGrant:
+    """Start the session and join it. The time-skipping server stops skipping time after an update-with-start,
+    so these tests start and join in two calls; `SessionClient.join` (update-with-start) is covered by the
+    integration tests on the real dev server."""
+    await start(sessions, spec)
+    return await sessions.join_running(spec.session_id, identity)
+
+
+_handles: dict[str, WorkflowHandle] = {}  # type: ignore[type-arg]
+
+
+async def start(sessions: SessionClient, spec: SessionSpec) -> None:
+    _handles.setdefault(spec.session_id, await sessions.start(spec))
+
+
+async def outcome(sessions: SessionClient, spec: SessionSpec) -> SessionOutcome:
+    """Wait for the session's result, letting the test server skip time. (The test server skips time for the
+    handle `start_workflow` returned, not for one looked up by id, so keep that one.)"""
+    return await _handles[spec.session_id].result()
+
+
+async def joined(sessions: SessionClient, spec: SessionSpec, identity: str) -> None:
+    """Tell the session `identity` is in the room, as the webhook receiver would."""
+    await sessions.handle(spec.session_id).signal(
+        SessionWorkflow.room_event,
+        RoomEvent(event_id=f"ev-{uuid.uuid4()}", kind=RoomEventKind.PARTICIPANT_JOINED, identity=identity),
+    )
+
+
+async def test_max_duration_ends_the_session_and_releases_the_room(sessions: SessionClient, world: StubWorld) -> None:
+    spec = make_spec()
+    grant = await admit(sessions, spec, "cand")
+    assert grant.room == spec.room_name and grant.identity == "cand" and grant.token
+    await joined(sessions, spec, "cand")
+    result = await outcome(sessions, spec)
+    assert result.end_reason is EndReason.MAX_DURATION
+    assert result.status is SessionStatus.ENDED
+    assert abs((result.ended_at - result.started_at) - spec.max_duration) < timedelta(seconds=5)
+    assert world.names() == ["create_room", "mint_participant_token", "delete_room"]
+
+
+async def test_nobody_joining_ends_the_session_as_no_show(sessions: SessionClient, world: StubWorld) -> None:
+    spec = make_spec()
+    await admit(sessions, spec, "cand")  # a grant alone is not presence: nobody connects
+    result = await outcome(sessions, spec)
+    assert result.end_reason is EndReason.NO_SHOW
+    assert abs((result.ended_at - result.started_at) - spec.no_show_timeout) < timedelta(seconds=5)
+    assert world.names()[-1] == "delete_room"
+
+
+async def test_extend_moves_the_end_within_the_cap_and_refuses_beyond(sessions: SessionClient) -> None:
+    spec = make_spec()
+    await admit(sessions, spec, "cand")
+    await joined(sessions, spec, "cand")
+    before = await sessions.state(spec.session_id)
+    after = await sessions.extend(spec.session_id, timedelta(minutes=10))
+    assert after.ends_at - before.ends_at == timedelta(minutes=10)
+    with pytest.raises(ExtendBeyondCap, match="at most 300 s more"):
+        await sessions.extend(spec.session_id, timedelta(minutes=6))
+    result = await outcome(sessions, spec)
+    assert result.end_reason is EndReason.MAX_DURATION
+    assert abs((result.ended_at - result.started_at) - timedelta(minutes=40)) < timedelta(seconds=5)
+
+
+async def test_end_update_releases_everything_and_reports_the_state(sessions: SessionClient, world: StubWorld) -> None:
+    spec = make_spec()
+    await admit(sessions, spec, "cand")
+    await joined(sessions, spec, "cand")
+    state = await sessions.end(spec.session_id, "interview over")
+    assert state.status is SessionStatus.ENDED
+    assert state.end_reason is EndReason.REQUESTED and state.end_detail == "interview over"
+    assert world.names()[-1] == "delete_room"
+    result = await outcome(sessions, spec)
+    assert result.participants_joined == ["cand"]
+
+
+async def test_join_is_refused_with_typed_errors(sessions: SessionClient) -> None:
+    spec = make_spec(max_participants=1)
+    await admit(sessions, spec, "cand")
+    with pytest.raises(RoomFull, match="1 of 1"):
+        await admit(sessions, spec, "obs")
+    with pytest.raises(UnknownParticipant, match="not on the roster"):
+        await sessions.join_running(spec.session_id, "stranger")
+    await sessions.end(spec.session_id)
+    with pytest.raises(SessionEnded, match="has ended"):
+        await admit(sessions, spec, "cand")
+
+
+async def test_cancel_runs_the_cleanup_and_closes_cancelled(sessions: SessionClient, world: StubWorld) -> None:
+    spec = make_spec(avatar={"avatar_id": "dd73ea75-1218-4ef3-92ce-606d5f7fbc0a", "start": "immediately"})
+    await admit(sessions, spec, "cand")
+    handle = sessions.handle(spec.session_id)
+    await _until(lambda: "keep_avatar_alive" in world.names())
+    await handle.cancel()
+    with pytest.raises(WorkflowFailureError):
+        await outcome(sessions, spec)
+    assert (await handle.describe()).status is WorkflowExecutionStatus.CANCELED
+    assert ("stop_avatar_session", "avatar-1") in world.calls
+    assert ("delete_room", spec.room_name) in world.calls
+
+
+async def test_avatar_is_recorded_before_it_is_started_and_stopped_at_the_end(
+    sessions: SessionClient, world: StubWorld
+) -> None:
+    spec = make_spec(avatar={"avatar_id": "dd73ea75-1218-4ef3-92ce-606d5f7fbc0a"})
+    await admit(sessions, spec, "cand")
+    assert "create_avatar_session" not in world.names()  # on_first_join: nobody in the room yet
+    await joined(sessions, spec, "cand")
+    await _until(lambda: "keep_avatar_alive" in world.names())
+    state = await sessions.state(spec.session_id)
+    assert state.avatar_session_id == "avatar-1"
+    desc = await sessions.handle(spec.session_id).describe()
+    assert desc.typed_search_attributes.get(_key("AvatarSessionId")) == "avatar-1"
+    await sessions.end(spec.session_id)
+    names = world.names()
+    assert names.index("create_avatar_session") < names.index("start_avatar_session") < names.index("stop_avatar_session")
+    result = await outcome(sessions, spec)
+    assert result.avatar_sessions == ["avatar-1"]
+
+
+async def test_a_failed_avatar_start_is_stopped_and_the_session_goes_on_degraded(
+    sessions: SessionClient, world: StubWorld
+) -> None:
+    world.start_avatar_error = ApplicationError("LiveAvatar failed to start", type="LiveAvatarServerError", non_retryable=True)
+    spec = make_spec(avatar={"avatar_id": "dd73ea75-1218-4ef3-92ce-606d5f7fbc0a", "start": "immediately"})
+    await admit(sessions, spec, "cand")
+    await _until(lambda: "stop_avatar_session" in world.names())
+    state = await sessions.state(spec.session_id)
+    assert state.status is SessionStatus.DEGRADED
+    assert "did not start" in (state.end_detail or "")
+    await sessions.end(spec.session_id)
+    assert world.names().count("stop_avatar_session") == 1
+
+
+async def test_a_room_that_cannot_be_created_fails_the_session_after_cleanup(
+    sessions: SessionClient, world: StubWorld
+) -> None:
+    world.create_room_error = ApplicationError("LiveKit refused: 401", type="LiveKitAuthError", non_retryable=True)
+    spec = make_spec()
+    with pytest.raises(SessionEnded):
+        await admit(sessions, spec, "cand")
+    with pytest.raises(WorkflowFailureError) as failure:
+        await outcome(sessions, spec)
+    assert "LiveKit refused: 401" in str(failure.value.cause)
+    assert world.names() == ["create_room", "delete_room"]  # the room may exist: deleting is harmless
+
+
+async def _until(check, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+    import asyncio
+
+    async with asyncio.timeout(timeout):
+        while not check():
+            await asyncio.sleep(0.05)
+
+
+def _key(name: str):  # type: ignore[no-untyped-def]
+    from temporalio.common import SearchAttributeKey
+
+    return SearchAttributeKey.for_keyword(name)

@@ -1,0 +1,41 @@
+"""The one way to connect to Temporal.
+
+Every client the project makes (worker, gateway, starter, CLI, replayer, tests) comes from `connect`, and
+every converter from `data_converter`, so a setting added here (an encryption codec, TLS, an API key for
+Temporal Cloud) applies everywhere at once.
+"""
+
+from __future__ import annotations
+
+from temporalio.client import Client
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.converter import DataConverter
+from temporalio.service import TLSConfig
+
+from workers.settings import Settings, get_settings
+
+
+def data_converter(settings: Settings | None = None) -> DataConverter:
+    """The converter for workflow payloads: pydantic models in, JSON out."""
+    return pydantic_data_converter
+
+
+def _tls(settings: Settings) -> TLSConfig | bool:
+    if settings.temporal_tls_cert and settings.temporal_tls_key:
+        return TLSConfig(
+            client_cert=settings.temporal_tls_cert.read_bytes(),
+            client_private_key=settings.temporal_tls_key.read_bytes(),
+        )
+    # Temporal Cloud with an API key needs TLS without a client certificate.
+    return settings.temporal_tls or settings.temporal_api_key is not None
+
+
+async def connect(settings: Settings | None = None) -> Client:
+    settings = settings or get_settings()
+    return await Client.connect(
+        settings.temporal_address,
+        namespace=settings.temporal_namespace,
+        api_key=settings.temporal_api_key.get_secret_value() if settings.temporal_api_key else None,
+        tls=_tls(settings),
+        data_converter=data_converter(settings),
+    )

@@ -1,0 +1,65 @@
+"""The worker process: runs SessionWorkflow and every activity on one task queue."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from datetime import timedelta
+
+import structlog
+from temporalio.client import Client
+from temporalio.worker import Worker
+
+from activities.avatar import AvatarActivities
+from activities.livekit import LiveKitActivities
+from workers.settings import Settings, get_settings
+from workers.temporal import connect
+from workflows.session import SessionWorkflow
+
+log = structlog.get_logger("sessionflow.worker")
+
+WORKFLOWS = [SessionWorkflow]
+
+
+def activities_for(settings: Settings) -> list:  # type: ignore[type-arg]
+    lk = LiveKitActivities(settings)
+    avatar = AvatarActivities(settings)
+    return [
+        lk.create_room,
+        lk.delete_room,
+        lk.mint_participant_token,
+        avatar.create_avatar_session,
+        avatar.start_avatar_session,
+        avatar.keep_avatar_alive,
+        avatar.stop_avatar_session,
+    ]
+
+
+def build_worker(client: Client, settings: Settings, *, task_queue: str | None = None) -> Worker:
+    return Worker(
+        client,
+        task_queue=task_queue or settings.task_queue,
+        workflows=WORKFLOWS,
+        activities=activities_for(settings),
+        # A crashed worker's sessions move to another worker after this, not after the default 10 s.
+        sticky_queue_schedule_to_start_timeout=timedelta(seconds=3),
+        # On SIGTERM, running activities get this long to finish before they are handed over.
+        graceful_shutdown_timeout=timedelta(seconds=5),
+        max_heartbeat_throttle_interval=timedelta(seconds=5),
+    )
+
+
+async def run_worker(settings: Settings | None = None) -> None:
+    """Run until SIGTERM or SIGINT, then shut down gracefully: nothing is torn down, work is handed over."""
+    settings = settings or get_settings()
+    client = await connect(settings)
+    worker = build_worker(client, settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("worker started", task_queue=settings.task_queue, temporal=settings.temporal_address)
+    async with worker:
+        await stop.wait()
+        log.info("worker shutting down", reason="signal")
+    log.info("worker stopped")
