@@ -1,0 +1,45 @@
+# sessionflow: everyday commands. Everything runs from the project's own .venv (created by `make install`).
+# The local stack (Temporal dev server, LiveKit server, LiveAvatar emulator, gateway) is sandbox/stack.py.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: install livekit stack test demo record-histories clean
+
+## install: create .venv with $(PYTHON) if missing and install the project with its dev extras
+install: $(STAMP)
+
+# Reinstalls only when pyproject.toml changes (or the venv is new), so repeated `make test` stays quick.
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@touch $@
+
+## livekit: make sure the LiveKit server binary is built (first time: go install, takes minutes)
+livekit: install
+	$(PY) -m sandbox livekit
+
+## stack: run the local stack in the foreground until Ctrl-C
+stack: install
+	$(PY) -m sandbox up
+
+## test: run the tests against a local stack started (and stopped) around them; PYTEST_ARGS passes options
+test: install
+	$(PY) -m sandbox exec -- $(PY) -m pytest tests $(PYTEST_ARGS)
+
+## demo: run the end-to-end demo
+demo: install
+	$(VENV)/bin/sessionflow demo
+
+## record-histories: record the workflow histories replayed by tests/replay
+record-histories: install
+	$(PY) -m sandbox exec -- $(PY) -m tests.replay.record
+
+## clean: stop a stack left running and remove state, caches and build output (keeps .venv and the LiveKit cache)
+clean:
+	-@test -x $(PY) && $(PY) -m sandbox down
+	rm -rf .sessionflow .pytest_cache .hypothesis build
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
