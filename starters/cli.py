@@ -1,0 +1,138 @@
+"""`sessionflow`: the command line for developers and support.
+
+    sessionflow dev                      local stack + worker in the foreground (Ctrl-C stops both)
+    sessionflow worker                   a worker against TEMPORAL_ADDRESS
+    sessionflow demo                     one scripted avatar interview on the local stack
+    sessionflow join SPEC IDENTITY       start the session in SPEC (JSON file or text) if needed, print a grant
+    sessionflow end SESSION_ID [--reason TEXT]
+    sessionflow extend SESSION_ID SECONDS
+    sessionflow show SESSION_ID          state, timeline and Temporal UI link of a session
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+from temporalio.client import WorkflowExecutionStatus
+
+from starters.client import SessionClient, SessionError
+from starters.timeline import render, timeline
+from workers.logging import configure_logging
+from workers.settings import get_settings
+from workers.worker import run_worker
+
+
+def _load_spec(text: str) -> object:
+    path = Path(text)
+    raw = path.read_text() if path.exists() else text
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise SessionError(f"SPEC must be a JSON file or JSON text: {e}") from None
+
+
+async def _join(args: argparse.Namespace) -> int:
+    sessions = await SessionClient.connect()
+    grant = await sessions.join(_load_spec(args.spec), args.identity)  # type: ignore[arg-type]
+    print(grant.model_dump_json(indent=2))
+    return 0
+
+
+async def _end(args: argparse.Namespace) -> int:
+    sessions = await SessionClient.connect()
+    state = await sessions.end(args.session_id, args.reason)
+    print(state.model_dump_json(indent=2))
+    return 0
+
+
+async def _extend(args: argparse.Namespace) -> int:
+    sessions = await SessionClient.connect()
+    state = await sessions.extend(args.session_id, timedelta(seconds=args.seconds))
+    print(f"session {state.session_id} now ends at {state.ends_at.isoformat()}")
+    return 0
+
+
+async def _show(args: argparse.Namespace) -> int:
+    sessions = await SessionClient.connect()
+    handle = sessions.handle(args.session_id)
+    try:
+        desc = await handle.describe()
+    except Exception as e:
+        raise SessionError(f"no session {args.session_id!r} in namespace {sessions.settings.temporal_namespace}: {e}") from None
+    print(f"session {args.session_id}: workflow {desc.status.name if desc.status else '?'}")
+    if desc.status is WorkflowExecutionStatus.RUNNING:
+        print((await sessions.state(args.session_id)).model_dump_json(indent=2))
+    print(render(timeline(await handle.fetch_history(), sessions.client.data_converter)))
+    print(f"Temporal UI: {sessions.ui_url(args.session_id)}")
+    return 0
+
+
+async def _dev(_: argparse.Namespace) -> int:
+    from sandbox.stack import LocalStack
+
+    async with LocalStack() as stack:
+        os.environ.update(stack.env)
+        get_settings.cache_clear()
+        for label, url in stack.urls.items():
+            print(f"  {label:<20} {url}")
+        print("stack and worker running; Ctrl-C stops both")
+        await run_worker(get_settings())
+    return 0
+
+
+async def _worker(_: argparse.Namespace) -> int:
+    await run_worker(get_settings())
+    return 0
+
+
+def _demo(_: argparse.Namespace) -> int:
+    from starters.demo import main as demo_main
+
+    return demo_main()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sessionflow", description="durable live-video sessions")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("dev", help="local stack + worker in the foreground").set_defaults(run=_dev)
+    sub.add_parser("worker", help="run a worker").set_defaults(run=_worker)
+    sub.add_parser("demo", help="one scripted avatar interview on the local stack").set_defaults(sync=_demo)
+    p = sub.add_parser("join", help="start (if needed) and join a session; prints the grant")
+    p.add_argument("spec", help="the session spec: a JSON file or JSON text")
+    p.add_argument("identity")
+    p.set_defaults(run=_join)
+    p = sub.add_parser("end", help="end a session and wait for its cleanup")
+    p.add_argument("session_id")
+    p.add_argument("--reason", default="ended from the command line")
+    p.set_defaults(run=_end)
+    p = sub.add_parser("extend", help="push a session's end out")
+    p.add_argument("session_id")
+    p.add_argument("seconds", type=int)
+    p.set_defaults(run=_extend)
+    p = sub.add_parser("show", help="a session's state, timeline and UI link")
+    p.add_argument("session_id")
+    p.set_defaults(run=_show)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    settings = get_settings()
+    configure_logging(settings.log_format, os.environ.get("SESSIONFLOW_LOG_LEVEL", "WARNING" if args.command != "worker" and args.command != "dev" else settings.log_level))
+    try:
+        rc = args.sync(args) if hasattr(args, "sync") else asyncio.run(args.run(args))
+    except SessionError as e:
+        print(f"sessionflow: {e}", file=sys.stderr)
+        rc = 2
+    except KeyboardInterrupt:
+        rc = 130
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # The Temporal runtime can crash at interpreter exit in short-lived processes (sdk-python#300).
+    os._exit(rc)

@@ -1,0 +1,118 @@
+"""A session's story, read from its Temporal history: what support sees, as plain lines.
+
+Used by `sessionflow show` and the demo. Each line is (seconds since start, text).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from temporalio.api.common.v1 import Payload
+from temporalio.api.enums.v1 import EventType
+from temporalio.api.history.v1 import HistoryEvent
+from temporalio.client import WorkflowHistory
+from temporalio.converter import DataConverter
+
+
+@dataclass(frozen=True)
+class Moment:
+    at: float
+    text: str
+
+
+def _value(converter: DataConverter, payload: Payload) -> object:
+    try:
+        return converter.payload_converter.from_payload(payload)
+    except Exception:
+        return "?"
+
+
+def _first(converter: DataConverter, payloads) -> object:  # type: ignore[no-untyped-def]
+    return _value(converter, payloads.payloads[0]) if payloads and payloads.payloads else None
+
+
+def _summary(converter: DataConverter, event: HistoryEvent) -> str | None:
+    if event.HasField("user_metadata") and event.user_metadata.HasField("summary"):
+        value = _value(converter, event.user_metadata.summary)
+        return str(value)
+    return None
+
+
+def _time(event: HistoryEvent) -> datetime:
+    return event.event_time.ToDatetime()
+
+
+def timeline(history: WorkflowHistory, converter: DataConverter) -> list[Moment]:
+    """The moments of one session's history, in order."""
+    moments: list[Moment] = []
+    summaries: dict[int, str] = {}  # scheduled event id -> what that activity or timer does
+    updates: dict[str, str] = {}  # update id -> name
+    start: datetime | None = None
+
+    def add(event: HistoryEvent, text: str) -> None:
+        moments.append(Moment((_time(event) - start).total_seconds() if start else 0.0, text))
+
+    for e in history.events:
+        t = e.event_type
+        if t == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_STARTED:
+            start = _time(e)
+            add(e, "session workflow started")
+        elif t in (EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED, EventType.EVENT_TYPE_TIMER_STARTED):
+            name = (
+                e.activity_task_scheduled_event_attributes.activity_type.name
+                if t == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
+                else "timer"
+            )
+            summaries[e.event_id] = _summary(converter, e) or name
+        elif t == EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED:
+            add(e, f"done: {summaries.get(e.activity_task_completed_event_attributes.scheduled_event_id, '?')}")
+        elif t == EventType.EVENT_TYPE_ACTIVITY_TASK_FAILED:
+            a = e.activity_task_failed_event_attributes
+            add(e, f"FAILED: {summaries.get(a.scheduled_event_id, '?')}: {a.failure.message}")
+        elif t == EventType.EVENT_TYPE_ACTIVITY_TASK_TIMED_OUT:
+            add(e, f"timed out: {summaries.get(e.activity_task_timed_out_event_attributes.scheduled_event_id, '?')}")
+        elif t == EventType.EVENT_TYPE_ACTIVITY_TASK_CANCELED:
+            add(e, f"stopped: {summaries.get(e.activity_task_canceled_event_attributes.scheduled_event_id, '?')}")
+        elif t == EventType.EVENT_TYPE_TIMER_FIRED:
+            add(e, f"{summaries.get(e.timer_fired_event_attributes.started_event_id, 'timer')} fired")
+        elif t == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_ACCEPTED:
+            a = e.workflow_execution_update_accepted_event_attributes
+            name = a.accepted_request.input.name
+            updates[a.protocol_instance_id] = name
+            arg = _first(converter, a.accepted_request.input.args)
+            add(e, f"{name} requested{_describe_arg(arg)}")
+        elif t == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_COMPLETED:
+            a = e.workflow_execution_update_completed_event_attributes
+            name = updates.get(a.meta.update_id, "update")
+            if a.outcome.HasField("failure"):
+                add(e, f"{name} refused: {a.outcome.failure.message}")
+        elif t == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED:
+            a = e.workflow_execution_signaled_event_attributes
+            add(e, f"{a.signal_name}{_describe_arg(_first(converter, a.input))}")
+        elif t == EventType.EVENT_TYPE_UPSERT_WORKFLOW_SEARCH_ATTRIBUTES:
+            fields = e.upsert_workflow_search_attributes_event_attributes.search_attributes.indexed_fields
+            for key, payload in fields.items():
+                add(e, f"{'status' if key == 'SessionStatus' else key} -> {_value(converter, payload)}")
+        elif t == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CANCEL_REQUESTED:
+            add(e, "cancel requested")
+        elif t == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED:
+            add(e, "session workflow completed")
+        elif t == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_FAILED:
+            add(e, f"session workflow FAILED: {e.workflow_execution_failed_event_attributes.failure.message}")
+        elif t == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CANCELED:
+            add(e, "session workflow cancelled")
+        elif t == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_TERMINATED:
+            add(e, f"session workflow TERMINATED: {e.workflow_execution_terminated_event_attributes.reason}")
+    return moments
+
+
+def _describe_arg(arg: object) -> str:
+    if isinstance(arg, dict):
+        parts = [str(v) for k, v in arg.items() if k in ("identity", "kind", "reason", "by") and v]
+        return f" ({', '.join(parts)})" if parts else ""
+    return ""
+
+
+def render(moments: list[Moment]) -> str:
+    return "\n".join(f"  {m.at:8.2f}s  {m.text}" for m in moments)
