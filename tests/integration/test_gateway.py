@@ -35,7 +35,7 @@ async def test_unsigned_or_forged_webhooks_are_rejected(stack: Settings, authori
     header = {
         "": "",
         "not-a-jwt": "not-a-jwt",
-        "wrong-secret": signed(BODY, key, "another-secret-of-enough-length"),
+        "wrong-secret": signed(BODY, key, "another-secret-that-is-long-enough-for-hs256"),
         "other-body": signed(BODY + " ", key, secret),
         "bearer-prefix": "Bearer " + signed(BODY, key, secret),
     }[authorization]
