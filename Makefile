@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install livekit stack test demo record-histories clean
+.PHONY: install livekit stack test demo bench record-histories clean
 
 ## install: create .venv with $(PYTHON) if missing and install the project with its dev extras
 install: $(STAMP)
@@ -33,6 +33,10 @@ test: install
 ## demo: run the end-to-end demo
 demo: install
 	$(VENV)/bin/sessionflow demo
+
+## bench: measure session-ready time against a Temporal baseline (figures go in docs/benchmarks.md)
+bench: install
+	$(PY) -m sandbox exec -- $(PY) -m bench.session_ready $(BENCH_ARGS)
 
 ## record-histories: record the workflow histories replayed by tests/replay
 record-histories: install
