@@ -28,7 +28,7 @@ from starters.timeline import render, timeline
 from workers.settings import DEFAULT_AVATAR_ID, Settings
 from workers.temporal import connect
 from workers.worker import build_worker
-from workflows.models import SessionSpec, SessionStatus, avatar_identity_for
+from workflows.models import SessionSpec, avatar_identity_prefix
 
 console = Console(highlight=False)
 
@@ -96,15 +96,16 @@ async def run_interview(settings: Settings, sessions: SessionClient) -> DemoResu
     ready = time.monotonic() - t0
     console.print(f"[green]✓[/green] session started and candidate admitted in {ready * 1000:.0f} ms (room {grant.room})")
 
-    avatar_identity = avatar_identity_for(sid)
+    avatar_prefix = avatar_identity_prefix(sid)
     async with join_room(grant.url, grant.token, publish_media=True) as room:
         console.print("[green]✓[/green] candidate connected to LiveKit with the minted token, publishing camera + mic")
         t1 = time.monotonic()
 
         def avatar_video() -> bool:
-            p = room.remote_participants.get(avatar_identity)
-            return p is not None and any(
-                pub.kind == rtc.TrackKind.KIND_VIDEO and pub.subscribed for pub in p.track_publications.values()
+            return any(
+                identity.startswith(avatar_prefix) and pub.kind == rtc.TrackKind.KIND_VIDEO and pub.subscribed
+                for identity, p in room.remote_participants.items()
+                for pub in p.track_publications.values()
             )
 
         async def avatar_seen() -> bool:

@@ -31,8 +31,15 @@ def workflow_id_for(session_id: str) -> str:
     return f"{ROOM_PREFIX}{session_id}"
 
 
-def avatar_identity_for(session_id: str) -> str:
-    return f"avatar-{session_id}"
+def avatar_identity_for(session_id: str, n: int) -> str:
+    """The LiveKit identity of the session's n-th avatar session. Each avatar session has its own, so one
+    leaving the room is never mistaken for another (a replacement or rotation overlaps its predecessor)."""
+    return f"{avatar_identity_prefix(session_id)}{n}"
+
+
+def avatar_identity_prefix(session_id: str) -> str:
+    """Every avatar identity of the session starts with this."""
+    return f"avatar-{session_id}-"
 
 
 class Strict(BaseModel):
@@ -66,6 +73,8 @@ class EndReason(StrEnum):
     MAX_DURATION = "max_duration"
     NO_SHOW = "no_show"
     ROOM_CLOSED = "room_closed"  # LiveKit closed the room on its own (everyone left, or it was deleted)
+    AVATAR_LOST = "avatar_lost"  # the avatar could not be kept or replaced, and the policy says end
+    PARTICIPANT_LOST = "participant_lost"  # someone dropped and did not return within the grace window
     CANCELLED = "cancelled"
     FAILED = "failed"
 
@@ -88,10 +97,23 @@ class AvatarStart(StrEnum):
     IMMEDIATELY = "immediately"
 
 
+class WhenLost(StrEnum):
+    CONTINUE = "continue"  # go on without it (the avatar) / with who is left (participants)
+    END = "end"  # end the session
+
+
 class AvatarSpec(Strict):
     avatar_id: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")]
     is_sandbox: bool = False
     start: AvatarStart = AvatarStart.ON_FIRST_JOIN
+    # A lost avatar (it left the room, its session ended, or it failed to start) is replaced this many times,
+    # waiting replace_backoff, then twice that, ...; after that the session follows `when_lost`.
+    max_replacements: Annotated[int, Field(ge=0, le=10)] = 2
+    replace_backoff: Annotated[timedelta, Field(ge=timedelta(0), le=timedelta(minutes=5))] = timedelta(seconds=2)
+    when_lost: WhenLost = WhenLost.CONTINUE
+    # Your LiveAvatar plan's cap on one avatar session. A session longer than this gets a fresh avatar
+    # session shortly before the cap, so the avatar never stops mid-sentence.
+    max_session_duration: Annotated[timedelta, Field(ge=timedelta(minutes=2), le=timedelta(hours=8))] = timedelta(hours=1)
 
 
 class SessionSpec(Strict):
@@ -106,6 +128,10 @@ class SessionSpec(Strict):
     max_duration_cap: Annotated[timedelta, Field(ge=timedelta(seconds=30), le=timedelta(hours=12))] = timedelta(hours=2)
     no_show_timeout: Annotated[timedelta, Field(ge=timedelta(seconds=5), le=timedelta(hours=1))] = timedelta(minutes=10)
     max_participants: Annotated[int, Field(ge=1, le=50)] | None = None
+    # A participant who drops may rejoin (with a new `join`) within this window; after it, `when_participant_lost`
+    # applies: END ends the session, CONTINUE goes on with who is left (and ends once nobody is left).
+    reconnect_grace: Annotated[timedelta, Field(ge=timedelta(0), le=timedelta(minutes=30))] = timedelta(seconds=60)
+    when_participant_lost: WhenLost = WhenLost.CONTINUE
     metadata: dict[Annotated[str, StringConstraints(max_length=64)], Annotated[str, StringConstraints(max_length=1024)]] = {}
 
     @model_validator(mode="after")
@@ -197,6 +223,7 @@ class MintTokenInput(Strict):
 class CreateAvatarInput(Strict):
     session_id: str
     room: str
+    identity: str
     avatar: AvatarSpec
     max_session_duration_s: int
 
@@ -232,7 +259,11 @@ class SessionState(BaseModel):
     present: list[str]
     admitted: list[str]
     avatar_session_id: str | None
+    avatar_identity: str | None  # the LiveKit identity of that avatar in the room
     avatar_present: bool
+    avatar_fallback: bool  # the avatar could not be kept: the session goes on without it
+    reconnecting: list[str]  # dropped participants still within their reconnect grace
+    recoveries: list[str]
     end_reason: EndReason | None
     end_detail: str | None
 
@@ -251,4 +282,6 @@ class SessionOutcome(BaseModel):
     live_seconds: float
     avatar_sessions: list[str]
     avatar_seconds: float
+    avatar_fallback: bool
+    recoveries: list[str]
     participants_joined: list[str]

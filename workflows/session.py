@@ -20,6 +20,7 @@ from temporalio.workflow import ActivityCancellationType
 with workflow.unsafe.imports_passed_through():
     from workflows.machine import (
         AvatarLost,
+        Held,
         AvatarRecorded,
         AvatarReleased,
         AvatarStarted,
@@ -36,6 +37,7 @@ with workflow.unsafe.imports_passed_through():
         ReleaseRoom,
         RoomClosed,
         RoomCreated,
+        RoomCreateFailed,
         RoomReleased,
         SessionMachine,
         StartAvatar,
@@ -71,7 +73,8 @@ SEARCH_ATTRIBUTES = [k.name for k in (SESSION_ID, SESSION_KIND, SESSION_STATUS, 
 
 PARTICIPANT_TOKEN_TTL = timedelta(minutes=15)  # LiveKit refreshes the token of a connected client
 AVATAR_TOKEN_MARGIN = timedelta(minutes=10)
-DEPARTURE_TIMEOUT = timedelta(minutes=2)  # how long LiveKit keeps the room after the last person leaves
+# LiveKit keeps the room this long after the last person leaves, on top of their reconnect grace.
+DEPARTURE_MARGIN = timedelta(minutes=1)
 SEEN_EVENT_IDS = 512  # room events are deduplicated over this many recent ids
 
 # Activity options. Cleanup retries forever: a session is not over until everything it holds is released.
@@ -93,8 +96,8 @@ class SessionWorkflow:
         self._spec = spec
         self._machine = SessionMachine(spec, started_at=workflow.now())
         self._seen_events: deque[str] = deque(maxlen=SEEN_EVENT_IDS)
-        self._avatar_work: asyncio.Task[None] | None = None
-        self._keepalive: asyncio.Task[None] | None = None
+        self._keepalives: dict[str, asyncio.Task[None]] = {}  # avatar session id -> its keep-alive
+        self._starting: set[str] = set()  # avatar sessions whose start step is in flight
         self._stop_avatar_work = False
 
     # ---- the run: platform concerns --------------------------------------------------------------------------
@@ -151,11 +154,12 @@ class SessionWorkflow:
         The release activities run in their own tasks, which a workflow cancel does not touch; this wait is
         the only thing a cancel can interrupt, and we simply wait again before letting the cancel through.
         """
+        done = lambda: self._machine.closed and not self._keepalives  # noqa: E731
         try:
-            await workflow.wait_condition(lambda: self._machine.closed)
+            await workflow.wait_condition(done)
         except asyncio.CancelledError:
             self._apply(EndRequested(EndReason.CANCELLED, workflow.cancellation_reason()))
-            await workflow.wait_condition(lambda: self._machine.closed)
+            await workflow.wait_condition(done)
             raise
 
     # ---- turning events into decisions, and decisions into work ----------------------------------------------
@@ -172,12 +176,15 @@ class SessionWorkflow:
             match command:
                 case CreateRoom():
                     self._spawn(self._create_room())
-                case StartAvatar():
-                    self._avatar_work = self._spawn(self._run_avatar())
-                case StopAvatarWork():
+                case StartAvatar(identity):
+                    self._spawn(self._run_avatar(identity))
+                case StopAvatarWork(None):
                     self._stop_avatar_work = True
-                    if self._keepalive is not None:
-                        self._keepalive.cancel()
+                    for keepalive in self._keepalives.values():
+                        keepalive.cancel()
+                case StopAvatarWork(avatar_session_id):
+                    if avatar_session_id in self._keepalives:
+                        self._keepalives[avatar_session_id].cancel()
                 case ReleaseAvatar(avatar_session_id):
                     self._spawn(self._release_avatar(avatar_session_id))
                 case ReleaseRoom():
@@ -198,6 +205,14 @@ class SessionWorkflow:
 
     async def _create_room(self) -> None:
         spec = self._spec
+        try:
+            await self._create_room_activity(spec)
+        except FailureError:
+            self._apply(RoomCreateFailed())
+            raise
+        self._apply(RoomCreated())
+
+    async def _create_room_activity(self, spec: SessionSpec) -> None:
         await workflow.execute_activity(
             "create_room",
             CreateRoomInput(
@@ -206,7 +221,7 @@ class SessionWorkflow:
                 session_kind=spec.kind,
                 max_participants=spec.room_capacity + 2,  # + the avatar and the room monitor
                 empty_timeout_s=int((spec.no_show_timeout + timedelta(minutes=1)).total_seconds()),
-                departure_timeout_s=int(DEPARTURE_TIMEOUT.total_seconds()),
+                departure_timeout_s=int((spec.reconnect_grace + DEPARTURE_MARGIN).total_seconds()),
             ),
             start_to_close_timeout=timedelta(seconds=20),
             retry_policy=QUICK,
@@ -214,23 +229,24 @@ class SessionWorkflow:
             cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
             summary=f"create room {spec.room_name}",
         )
-        self._apply(RoomCreated())
 
-    async def _run_avatar(self) -> None:
-        """Step A (no billing) is recorded before step B (billing starts), then keep-alive until the end."""
+    async def _run_avatar(self, identity: str) -> None:
+        """One avatar session: step A (no billing) is recorded before step B (billing starts), then
+        keep-alive until the session ends or the avatar is lost."""
         spec = self._spec
         assert spec.avatar is not None
         if self._stop_avatar_work:
+            self._apply(AvatarLost(None, "not started: the session is ending"))
             return
-        max_seconds = int(self._machine.hard_deadline.timestamp() - workflow.now().timestamp()) + 60
         try:
             created: AvatarCreated = await workflow.execute_activity(
                 "create_avatar_session",
                 CreateAvatarInput(
                     session_id=spec.session_id,
                     room=spec.room_name,
+                    identity=identity,
                     avatar=spec.avatar,
-                    max_session_duration_s=max_seconds,
+                    max_session_duration_s=int(self._machine.avatar_session_length(workflow.now()).total_seconds()),
                 ),
                 result_type=AvatarCreated,
                 start_to_close_timeout=timedelta(seconds=30),
@@ -241,11 +257,13 @@ class SessionWorkflow:
             self._apply(AvatarLost(None, f"could not create the avatar session: {_describe(e)}"))
             return
         avatar_id = created.avatar_session_id
-        self._apply(AvatarRecorded(avatar_id))
-        workflow.upsert_search_attributes([AVATAR_SESSION_ID.value_set(avatar_id)])
-        if self._stop_avatar_work:
-            return
+        self._starting.add(avatar_id)
         try:
+            self._apply(AvatarRecorded(avatar_id))
+            workflow.upsert_search_attributes([AVATAR_SESSION_ID.value_set(avatar_id)])
+            if self._stop_avatar_work:
+                self._apply(AvatarLost(avatar_id, "not started: the session is ending"))
+                return
             await workflow.execute_activity(
                 "start_avatar_session",
                 StartAvatarInput(avatar_session_id=avatar_id, session_token=created.session_token),
@@ -256,18 +274,22 @@ class SessionWorkflow:
         except FailureError as e:
             self._apply(AvatarLost(avatar_id, f"the avatar did not start: {_describe(e)}"))
             return
+        finally:
+            self._starting.discard(avatar_id)
         self._apply(AvatarStarted(avatar_id))
-        if self._stop_avatar_work:
+        if self._stop_avatar_work or self._machine.avatars.get(avatar_id) is not Held.HELD:
             return
-        self._keepalive = asyncio.get_running_loop().create_task(self._keep_avatar_alive(avatar_id))
+        keepalive = asyncio.get_running_loop().create_task(self._keep_avatar_alive(avatar_id))
+        self._keepalives[avatar_id] = keepalive
         try:
-            await self._keepalive
+            await keepalive
         except asyncio.CancelledError:
-            return  # the session is ending: cleanup stops the avatar
+            return  # stopped on purpose (end, rotation, loss): the release takes it from here
         except FailureError as e:
-            if is_cancelled_exception(e):
-                return
-            self._apply(AvatarLost(avatar_id, f"the avatar session ended: {_describe(e)}"))
+            if not is_cancelled_exception(e):
+                self._apply(AvatarLost(avatar_id, f"the avatar session ended: {_describe(e)}"))
+        finally:
+            del self._keepalives[avatar_id]
 
     async def _keep_avatar_alive(self, avatar_id: str) -> None:
         await workflow.execute_activity(
@@ -276,13 +298,15 @@ class SessionWorkflow:
             start_to_close_timeout=self._spec.max_duration_cap + timedelta(minutes=10),
             heartbeat_timeout=KEEPALIVE_HEARTBEAT,
             retry_policy=KEEPALIVE,
-            cancellation_type=ActivityCancellationType.TRY_CANCEL,
+            # The session waits for the keep-alive to acknowledge its cancel before closing, so a keep-alive
+            # never outlives its session (and never mistakes a normal end for a vanished workflow).
+            cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
             summary=f"keep avatar {avatar_id} alive",
         )
 
     async def _release_avatar(self, avatar_id: str) -> None:
         # Let an in-flight start finish first: stopping a session mid-start could leave it billing.
-        await workflow.wait_condition(lambda: self._avatar_settled())
+        await workflow.wait_condition(lambda: avatar_id not in self._starting)
         await workflow.execute_activity(
             "stop_avatar_session",
             AvatarRef(avatar_session_id=avatar_id),
@@ -292,11 +316,9 @@ class SessionWorkflow:
         )
         self._apply(AvatarReleased(avatar_id))
 
-    def _avatar_settled(self) -> bool:
-        work = self._avatar_work
-        return work is None or work.done() or (self._keepalive is not None and self._stop_avatar_work)
-
     async def _release_room(self) -> None:
+        # Delete only after any create has landed, so a late create can never follow our delete.
+        await workflow.wait_condition(lambda: not self._machine.room_creating)
         await workflow.execute_activity(
             "delete_room",
             self._spec.room_name,
@@ -396,7 +418,11 @@ class SessionWorkflow:
             present=sorted(m.present),
             admitted=sorted(m.admitted),
             avatar_session_id=m.avatar_session_id,
+            avatar_identity=m.avatar_identity,
             avatar_present=m.avatar_present,
+            avatar_fallback=m.avatar_fallback,
+            reconnecting=sorted(m.reconnect_by),
+            recoveries=list(m.recoveries),
             end_reason=m.end_reason,
             end_detail=m.end_detail or m.avatar_problem,
         )
@@ -409,8 +435,12 @@ class SessionWorkflow:
             f"present: {', '.join(sorted(m.present)) or 'nobody'}",
             f"avatar: {m.avatar_session_id or 'none'}{' (in room)' if m.avatar_present else ''}",
         ]
+        if m.reconnect_by:
+            lines.append(f"reconnecting: {', '.join(sorted(m.reconnect_by))}")
         if m.avatar_problem:
-            lines.append(f"avatar problem: {m.avatar_problem}")
+            lines.append(f"avatar problem: {m.avatar_problem}{' (continuing without it)' if m.avatar_fallback else ''}")
+        if m.recoveries:
+            lines.append("recoveries: " + "; ".join(m.recoveries[-5:]))
         if m.end_reason:
             lines.append(f"end: {m.end_reason.value}{f' ({m.end_detail})' if m.end_detail else ''}")
         workflow.set_current_details("\n\n".join(lines))
@@ -428,6 +458,8 @@ class SessionWorkflow:
             live_seconds=m.live_seconds,
             avatar_sessions=list(m.avatars),
             avatar_seconds=m.avatar_seconds,
+            avatar_fallback=m.avatar_fallback,
+            recoveries=list(m.recoveries),
             participants_joined=list(m.joined),
         )
 

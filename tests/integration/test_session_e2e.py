@@ -14,7 +14,7 @@ from sandbox.media import SyntheticMedia, join_room
 from starters.client import InvalidInput, SessionClient, SessionEnded, UnknownParticipant
 from tests.integration.conftest import eventually, record_history, room_names
 from workers.settings import DEFAULT_AVATAR_ID
-from workflows.models import EndReason, SessionSpec, SessionStatus, avatar_identity_for
+from workflows.models import EndReason, SessionSpec, SessionStatus, avatar_identity_prefix
 
 pytestmark = pytest.mark.stack
 
@@ -36,10 +36,16 @@ def interview(**overrides) -> SessionSpec:  # type: ignore[no-untyped-def]
     )
 
 
-def video_of(room: rtc.Room, identity: str) -> bool:
-    p = room.remote_participants.get(identity)
-    return p is not None and any(
-        pub.kind == rtc.TrackKind.KIND_VIDEO and pub.subscribed for pub in p.track_publications.values()
+def avatar_video_in(room: rtc.Room, session_id: str) -> str | None:
+    """The identity of an avatar of this session whose video `room` receives."""
+    return next(
+        (
+            identity
+            for identity, p in room.remote_participants.items()
+            if identity.startswith(avatar_identity_prefix(session_id))
+            and any(pub.kind == rtc.TrackKind.KIND_VIDEO and pub.subscribed for pub in p.track_publications.values())
+        ),
+        None,
     )
 
 
@@ -53,13 +59,13 @@ async def test_a_full_avatar_interview_releases_its_room_and_avatar(
 
     async with join_room(grant.url, grant.token, publish_media=True) as room:
         # The avatar starts once a human is in the room, joins with its own token and publishes video.
-        await eventually("the avatar's video track", lambda: _async(video_of(room, avatar_identity_for(spec.session_id))), 45)
+        avatar_identity = await eventually("the avatar's video track", lambda: _async(avatar_video_in(room, spec.session_id)), 45)
         state = await eventually(
             "the session to see the candidate and the avatar",
             lambda: _state_when(sessions, spec.session_id, lambda s: s.status is SessionStatus.LIVE and s.avatar_present and s.present == ["cand"]),
         )
         avatar_id = state.avatar_session_id
-        assert avatar_id is not None
+        assert avatar_id is not None and state.avatar_identity == avatar_identity
         assert not (await liveavatar.get_session(avatar_id)).is_ended
 
         final = await sessions.end(spec.session_id, "interview over")

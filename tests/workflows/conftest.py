@@ -41,6 +41,7 @@ class StubWorld:
     create_room_error: ApplicationError | None = None
     start_avatar_error: ApplicationError | None = None
     avatar_ends_after: float | None = None  # keep-alive reports the avatar ended after this many seconds
+    keepalive_returns: bool = False  # keep-alive ends at once (the test server skips no time while it runs)
     avatars: int = 0
 
     def names(self) -> list[str]:
@@ -81,6 +82,8 @@ class StubWorld:
     @activity.defn(name="keep_avatar_alive")
     async def keep_avatar_alive(self, ref: AvatarRef) -> None:
         self.calls.append(("keep_avatar_alive", ref.avatar_session_id))
+        if self.keepalive_returns:
+            return
         waited = 0.0
         while self.avatar_ends_after is None or waited < self.avatar_ends_after:
             activity.heartbeat()

@@ -53,9 +53,16 @@ async def outcome(sessions: SessionClient, spec: SessionSpec) -> SessionOutcome:
 
 async def joined(sessions: SessionClient, spec: SessionSpec, identity: str) -> None:
     """Tell the session `identity` is in the room, as the webhook receiver would."""
+    await _room_event(sessions, spec, RoomEventKind.PARTICIPANT_JOINED, identity)
+
+
+async def left(sessions: SessionClient, spec: SessionSpec, identity: str) -> None:
+    await _room_event(sessions, spec, RoomEventKind.PARTICIPANT_LEFT, identity)
+
+
+async def _room_event(sessions: SessionClient, spec: SessionSpec, kind: RoomEventKind, identity: str) -> None:
     await sessions.handle(spec.session_id).signal(
-        SessionWorkflow.room_event,
-        RoomEvent(event_id=f"ev-{uuid.uuid4()}", kind=RoomEventKind.PARTICIPANT_JOINED, identity=identity),
+        SessionWorkflow.room_event, RoomEvent(event_id=f"ev-{uuid.uuid4()}", kind=kind, identity=identity)
     )
 
 
@@ -150,18 +157,107 @@ async def test_avatar_is_recorded_before_it_is_started_and_stopped_at_the_end(
     assert result.avatar_sessions == ["avatar-1"]
 
 
-async def test_a_failed_avatar_start_is_stopped_and_the_session_goes_on_degraded(
+AVATAR = "dd73ea75-1218-4ef3-92ce-606d5f7fbc0a"
+
+
+async def test_a_lost_avatar_is_replaced_with_backoff(sessions: SessionClient, world: StubWorld) -> None:
+    world.avatar_ends_after = 0.3  # every avatar session "ends" shortly after it starts
+    spec = make_spec(avatar={"avatar_id": AVATAR, "max_replacements": 2, "replace_backoff": "PT1S", "when_lost": "continue"})
+    await admit(sessions, spec, "cand")
+    await joined(sessions, spec, "cand")
+    state = await _until_state(sessions, spec, lambda st: st.avatar_fallback)
+    # The first avatar and two replacements, each stopped exactly once; then the session goes on without one.
+    assert world.names().count("create_avatar_session") == 3
+    assert sorted(a for n, a in world.calls if n == "stop_avatar_session") == ["avatar-1", "avatar-2", "avatar-3"]
+    assert state.status is SessionStatus.DEGRADED
+    assert [r for r in state.recoveries if r.startswith("avatar replacement")] == [
+        "avatar replacement 1 after: the avatar session ended: AvatarSessionEnded: avatar session ended (IDLE_TIMEOUT)",
+        "avatar replacement 2 after: the avatar session ended: AvatarSessionEnded: avatar session ended (IDLE_TIMEOUT)",
+    ]
+    desc = await sessions.handle(spec.session_id).describe()
+    assert desc.typed_search_attributes.get(_key("SessionStatus")) == "degraded"
+    await sessions.end(spec.session_id)
+    result = await outcome(sessions, spec)
+    assert result.avatar_fallback and result.end_reason is EndReason.REQUESTED
+    assert world.names().count("stop_avatar_session") == 3
+
+
+async def test_an_avatar_that_cannot_start_ends_the_session_when_the_policy_says_so(
     sessions: SessionClient, world: StubWorld
 ) -> None:
     world.start_avatar_error = ApplicationError("LiveAvatar failed to start", type="LiveAvatarServerError", non_retryable=True)
-    spec = make_spec(avatar={"avatar_id": "dd73ea75-1218-4ef3-92ce-606d5f7fbc0a", "start": "immediately"})
+    spec = make_spec(avatar={"avatar_id": AVATAR, "max_replacements": 1, "replace_backoff": "PT1S", "when_lost": "end"})
     await admit(sessions, spec, "cand")
-    await _until(lambda: "stop_avatar_session" in world.names())
+    await joined(sessions, spec, "cand")
+    result = await outcome(sessions, spec)
+    assert result.end_reason is EndReason.AVATAR_LOST
+    assert "did not start" in (result.end_detail or "")
+    # Both recorded avatar sessions (first try, one replacement) were stopped, once each.
+    assert sorted(a for n, a in world.calls if n == "stop_avatar_session") == ["avatar-1", "avatar-2"]
+    assert world.names()[-1] in ("delete_room", "stop_avatar_session") and "delete_room" in world.names()
+
+
+async def test_an_avatar_is_rotated_before_its_session_duration_cap(sessions: SessionClient, world: StubWorld) -> None:
+    # The test server skips time only while no activity runs, so here keep-alive returns at once.
+    world.keepalive_returns = True
+    spec = make_spec(avatar={"avatar_id": AVATAR, "start": "immediately", "max_session_duration": "PT5M"})
+    await admit(sessions, spec, "cand")
+    await joined(sessions, spec, "cand")
+    result = await outcome(sessions, spec)  # runs the full 30 minutes of skipped time
+    assert result.end_reason is EndReason.MAX_DURATION
+    # 30 min of session with 5-minute avatar sessions rotated a minute early: a fresh one every 4 minutes.
+    assert len(result.avatar_sessions) == 8
+    stops = [a for n, a in world.calls if n == "stop_avatar_session"]
+    assert sorted(stops) == sorted(result.avatar_sessions) and len(set(stops)) == len(stops)
+    assert all("rotated" in r for r in result.recoveries)
+
+
+async def test_a_participant_who_drops_may_rejoin_within_the_grace(sessions: SessionClient) -> None:
+    spec = make_spec(reconnect_grace="PT5M")
+    await admit(sessions, spec, "cand")
+    await joined(sessions, spec, "cand")
+    await left(sessions, spec, "cand")
     state = await sessions.state(spec.session_id)
-    assert state.status is SessionStatus.DEGRADED
-    assert "did not start" in (state.end_detail or "")
+    assert state.status is SessionStatus.DEGRADED and state.reconnecting == ["cand"]
+    await sessions.join_running(spec.session_id, "cand")  # a new join within the window is allowed
+    await joined(sessions, spec, "cand")
+    state = await sessions.state(spec.session_id)
+    assert state.status is SessionStatus.LIVE and state.reconnecting == [] and "cand reconnected" in state.recoveries
     await sessions.end(spec.session_id)
-    assert world.names().count("stop_avatar_session") == 1
+
+
+@pytest.mark.parametrize(("policy", "others_stay"), [("end", True), ("continue", False)])
+async def test_a_participant_who_does_not_return_ends_the_session_per_policy(
+    sessions: SessionClient, policy: str, others_stay: bool
+) -> None:
+    spec = make_spec(
+        participants=[{"identity": "cand", "role": "candidate"}, {"identity": "coach", "role": "coach"}],
+        reconnect_grace="PT1M",
+        when_participant_lost=policy,
+    )
+    await admit(sessions, spec, "cand")
+    await joined(sessions, spec, "cand")
+    if others_stay:
+        await joined(sessions, spec, "coach")
+    await left(sessions, spec, "cand")
+    result = await outcome(sessions, spec)
+    assert result.end_reason is EndReason.PARTICIPANT_LOST
+    assert abs(result.ended_at - result.started_at) < timedelta(minutes=2)
+
+
+async def test_with_continue_the_session_goes_on_with_who_is_left(sessions: SessionClient) -> None:
+    spec = make_spec(
+        participants=[{"identity": "cand", "role": "candidate"}, {"identity": "coach", "role": "coach"}],
+        reconnect_grace="PT1M",
+        when_participant_lost="continue",
+    )
+    await admit(sessions, spec, "cand")
+    await joined(sessions, spec, "cand")
+    await joined(sessions, spec, "coach")
+    await left(sessions, spec, "cand")
+    result = await outcome(sessions, spec)
+    assert result.end_reason is EndReason.MAX_DURATION  # the coach stayed: the session ran its course
+    assert "continued without cand" in result.recoveries
 
 
 async def test_a_room_that_cannot_be_created_fails_the_session_after_cleanup(
@@ -175,6 +271,15 @@ async def test_a_room_that_cannot_be_created_fails_the_session_after_cleanup(
         await outcome(sessions, spec)
     assert "LiveKit refused: 401" in str(failure.value.cause)
     assert world.names() == ["create_room", "delete_room"]  # the room may exist: deleting is harmless
+
+
+async def _until_state(sessions: SessionClient, spec: SessionSpec, ok, timeout: float = 20.0):  # type: ignore[no-untyped-def]
+    import asyncio
+
+    async with asyncio.timeout(timeout):
+        while not ok(state := await sessions.state(spec.session_id)):
+            await asyncio.sleep(0.1)
+    return state
 
 
 async def _until(check, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
