@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install livekit stack test demo bench record-histories clean
+.PHONY: install livekit stack test chaos demo bench record-histories clean
 
 ## install: create .venv with $(PYTHON) if missing and install the project with its dev extras
 install: $(STAMP)
@@ -29,6 +29,10 @@ stack: install
 ## test: run the tests against a local stack started (and stopped) around them; PYTEST_ARGS passes options
 test: install
 	$(PY) -m sandbox exec -- $(PY) -m pytest tests $(PYTEST_ARGS)
+
+## chaos: every chaos scenario (long ones too) on a stack of its own (shifted ports); summary in .sessionflow/chaos-summary.md
+chaos: install
+	$(PY) -m pytest tests/chaos -m "chaos_long or not chaos_long" -s $(PYTEST_ARGS)
 
 ## demo: run the end-to-end demo
 demo: install

@@ -560,6 +560,75 @@ class LocalStack:
     def healthy(self) -> bool:
         return all(service is not None and ready for service, ready in self.status().values())
 
+    # ---- chaos: break one service and bring it back (tests/chaos)
+
+    def service(self, name: str) -> RunningService:
+        """The running process of service ``name``; :class:`StackError` if it is not running."""
+        for service in self._running:
+            if service.name == name:
+                return service
+        raise StackError(f"{name} is not running in this stack (running: {[s.name for s in self._running]})")
+
+    def kill(self, name: str, sig: int = signal.SIGKILL, *, timeout: float = 10.0) -> None:
+        """Kill service ``name``'s whole process group with ``sig`` (SIGKILL: no drain, no goodbye) and wait until
+        it has exited. The service stays out of the stack until :meth:`start_again`."""
+        service = self.service(name)
+        _kill_group(service.pid, signal.SIGCONT)  # a paused process must be able to act on a catchable signal
+        _kill_group(service.pid, sig)
+        if not service._wait_exit(timeout):
+            _kill_group(service.pid, signal.SIGKILL)
+            if not service._wait_exit(5.0):
+                raise StackError(f"{name} (pid {service.pid}) did not exit after {sig!r} and SIGKILL")
+        _kill_group(service.pid, signal.SIGKILL)  # whatever the service spawned goes too
+        self._running.remove(service)
+        self._write_state()
+
+    def start_again(self, name: str) -> float:
+        """Start service ``name`` (stopped by :meth:`kill`) with the same command, environment and state dir
+        (Temporal keeps its database file); returns once it answers, with the seconds it took."""
+        if any(s.name == name for s in self._running):
+            raise StackError(f"{name} is already running; kill() or restart() it instead")
+        spec = self.service_spec(name, resolve_binaries=True)
+        deadline = time.monotonic() + 10.0
+        while True:  # a killed listener may hold its port for a moment
+            try:
+                check_ports(spec)
+                break
+            except PortInUseError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        service = spawn_service(spec, env=self.subprocess_env(), log_dir=self.state_dir)
+        # Keep the start order, so stop() still stops the services in reverse order.
+        order = {n: i for i, n in enumerate(SERVICE_NAMES)}
+        self._running.append(service)
+        self._running.sort(key=lambda s: order[s.name])
+        self._write_state()
+        try:
+            return wait_until_ready(service, spec)
+        except BaseException:
+            service.stop()
+            self._running.remove(service)
+            self._write_state()
+            raise
+
+    def restart(self, name: str) -> float:
+        """Stop service ``name`` the way ``stop()`` would (its signal plan) and start it again."""
+        service = self.service(name)
+        _kill_group(service.pid, signal.SIGCONT)
+        service.stop()
+        self._running.remove(service)
+        self._write_state()
+        return self.start_again(name)
+
+    def pause(self, name: str) -> None:
+        """Freeze service ``name`` (SIGSTOP to its group): its sockets stay open but nothing answers."""
+        _kill_group(self.service(name).pid, signal.SIGSTOP)
+
+    def resume(self, name: str) -> None:
+        """Unfreeze service ``name`` (SIGCONT). Harmless if it is not paused."""
+        _kill_group(self.service(name).pid, signal.SIGCONT)
+
     def __enter__(self) -> LocalStack:
         return self.start()
 

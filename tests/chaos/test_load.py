@@ -1,0 +1,53 @@
+"""Twenty sessions at once on two workers, with workers killed (-9) at random while they start and run."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+
+from tests.chaos.harness import Scenario
+from workflows.models import SessionSpec, SessionStatus
+
+SESSIONS = 20
+KILL_EVERY_S = (4.0, 8.0)
+
+
+@pytest.mark.chaos_long
+async def test_twenty_sessions_with_random_worker_kills(chaos: Scenario) -> None:
+    # Half with a real participant (the avatar starts on their join), half with `start: immediately`: twenty
+    # rtc participants plus twenty publishing avatars is more than two cores carry.
+    humans = [chaos.spec() for _ in range(SESSIONS // 2)]
+    immediate = [chaos.spec(immediately=True) for _ in range(SESSIONS - SESSIONS // 2)]
+    rng = random.Random(20)
+    stop = asyncio.Event()
+
+    async def kill_at_random() -> None:
+        while not stop.is_set():
+            await asyncio.sleep(rng.uniform(*KILL_EVERY_S))
+            await chaos.workers.kill9(rng.choice(chaos.workers.alive))
+            await chaos.workers.ensure()
+
+    killer = asyncio.create_task(kill_at_random())
+    try:
+        await asyncio.gather(
+            *(chaos.join_human(s, publish_media=False) for s in humans), *(chaos.start(s) for s in immediate)
+        )
+        await asyncio.gather(*(_avatar_settled(chaos, s) for s in humans + immediate))
+    finally:
+        stop.set()
+        await asyncio.wait_for(killer, 30)
+    chaos.note(f"{chaos.workers.kills} workers killed -9 so far in the run")
+    degraded = [s.session_id for s in humans + immediate
+                if (await chaos.client.state(s.session_id)).status is SessionStatus.DEGRADED]
+    chaos.note(f"sessions degraded (avatar given up) when the kills stopped: {degraded or 'none'}")
+    await asyncio.gather(*(chaos.end(s, timeout=120) for s in humans + immediate))
+    await chaos.settle(timeout=90)
+
+
+async def _avatar_settled(chaos: Scenario, spec: SessionSpec) -> None:
+    await chaos.state_when(
+        spec, "the avatar in the room, or the avatar given up on",
+        lambda s: s.avatar_present or s.end_detail is not None, timeout=180,
+    )
