@@ -9,34 +9,45 @@ that has already ended counts as stopped.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import timedelta
+from typing import TypeVar
 
 import httpx
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.errors import never_final
-from activities.livekit import mint_token
+from activities.livekit import LiveKitActivities, mint_token
 from activities.liveavatar_client import (
     LiveAvatarAuthError,
     LiveAvatarClient,
+    LiveAvatarConflict,
     LiveAvatarError,
+    LiveAvatarInsufficientCredits,
     LiveAvatarNotFound,
     LiveAvatarRateLimited,
     LiveAvatarServerError,
     LiveAvatarValidationError,
 )
+from activities.reaper import owner_gone, session_workflow_statuses
 from workers.settings import Settings
-from workflows.models import AvatarCreated, AvatarRef, CreateAvatarInput, MintTokenInput, StartAvatarInput, avatar_identity_for
+from workflows.models import ROOM_PREFIX, AvatarCreated, AvatarRef, CreateAvatarInput, MintTokenInput, StartAvatarInput
+
+T = TypeVar("T")
 
 KEEPALIVE_EVERY = timedelta(seconds=30)  # LiveAvatar ends a session after 5 idle minutes; <= 60 s is the rule
 HEARTBEAT_EVERY = timedelta(seconds=2)
 
 
-def classify_liveavatar_error(exc: BaseException, what: str, *, final_5xx: bool = False) -> BaseException:
-    """The error an activity raises for a failed LiveAvatar call."""
+def classify_liveavatar_error(exc: BaseException, what: str, *, final_500: bool = False) -> BaseException:
+    """The error an activity raises for a failed LiveAvatar call.
+
+    Final (non-retryable): bad credentials, invalid requests, no credits, and (with `final_500`, for start) a
+    500, which there means a bad LiveKit config for the avatar. Retried: rate limits (after Retry-After),
+    concurrency limits, other server errors, and an unreachable service.
+    """
     if isinstance(exc, LiveAvatarRateLimited):
         delay = timedelta(seconds=exc.retry_after) if exc.retry_after else None
         return ApplicationError(f"LiveAvatar rate-limited {what}", type="LiveAvatarRateLimited", next_retry_delay=delay)
@@ -48,15 +59,29 @@ def classify_liveavatar_error(exc: BaseException, what: str, *, final_5xx: bool 
         )
     if isinstance(exc, LiveAvatarValidationError):
         return ApplicationError(f"LiveAvatar rejected the request to {what}: {exc}", type="LiveAvatarInvalid", non_retryable=True)
+    if isinstance(exc, LiveAvatarInsufficientCredits):
+        return ApplicationError(f"LiveAvatar has no credits to {what}: {exc}", type="LiveAvatarNoCredits", non_retryable=True)
     if isinstance(exc, LiveAvatarServerError):
         return ApplicationError(
-            f"LiveAvatar failed to {what}: {exc}", type="LiveAvatarServerError", non_retryable=final_5xx
+            f"LiveAvatar failed to {what}: {exc}", type="LiveAvatarServerError", non_retryable=final_500 and exc.status == 500
         )
     if isinstance(exc, LiveAvatarError):
         return ApplicationError(f"LiveAvatar refused to {what}: {exc}", type=type(exc).__name__)
     if isinstance(exc, (httpx.TransportError, TimeoutError)):
         return ApplicationError(f"LiveAvatar unreachable while trying to {what}: {exc!r}", type="LiveAvatarUnavailable")
     return exc
+
+
+async def _heartbeating(call: Awaitable[T]) -> T:
+    """Await `call`, heartbeating every second meanwhile."""
+    task = asyncio.ensure_future(call)
+    try:
+        while not task.done():
+            activity.heartbeat()
+            await asyncio.wait({task}, timeout=1.0)
+        return task.result()
+    finally:
+        task.cancel()
 
 
 class AvatarActivities:
@@ -79,7 +104,7 @@ class AvatarActivities:
             self._settings,
             MintTokenInput(
                 room=inp.room,
-                identity=avatar_identity_for(inp.session_id),
+                identity=inp.identity,
                 name="Avatar",
                 role=None,
                 ttl=timedelta(seconds=inp.max_session_duration_s) + timedelta(minutes=10),
@@ -105,40 +130,82 @@ class AvatarActivities:
         """Step B: start the avatar; it joins the room. Billing starts here.
 
         A 500 here usually means a bad LiveKit config for the avatar (reference/liveavatar-api.md §3.2): final.
+        Heartbeats while the call runs, so a worker that dies mid-start is noticed within the heartbeat
+        timeout and the retry (which finds the session already started) comes at once, not after the
+        start-to-close timeout, while the avatar is already billing.
         """
         async with self._client() as client:
             try:
-                await client.start_session(inp.session_token)
+                await _heartbeating(client.start_session(inp.session_token))
+            except LiveAvatarConflict:
+                # Already started: an earlier attempt got through but its answer was lost. Same outcome.
+                activity.logger.info("avatar was already started", extra={"avatar_session_id": inp.avatar_session_id})
             except Exception as e:
-                raise classify_liveavatar_error(e, f"start avatar {inp.avatar_session_id}", final_5xx=True) from e
+                raise classify_liveavatar_error(e, f"start avatar {inp.avatar_session_id}", final_500=True) from e
         activity.logger.info("avatar started", extra={"avatar_session_id": inp.avatar_session_id})
 
     @activity.defn
     async def keep_avatar_alive(self, ref: AvatarRef) -> None:
         """Keep the avatar session from idling out, until cancelled; fail when LiveAvatar says it has ended.
 
-        Heartbeats often, so a cancel (session ending) or a lost worker is noticed within seconds.
+        Heartbeats often, so a cancel (session ending) or a lost worker is noticed within seconds. When the
+        heartbeat finds the workflow gone (terminated: no cleanup of its own runs), it stops the avatar and
+        deletes the room before giving up; never on worker shutdown.
         """
         async with self._client() as client:
-            while True:
-                try:
-                    await client.keep_alive(ref.avatar_session_id)
-                    entry = await client.get_session(ref.avatar_session_id)
-                except LiveAvatarNotFound as e:
-                    raise ApplicationError(
-                        f"avatar session {ref.avatar_session_id} is gone: {e}", type="AvatarSessionEnded", non_retryable=True
-                    ) from e
-                except Exception as e:
-                    raise classify_liveavatar_error(e, f"keep avatar {ref.avatar_session_id} alive") from e
-                if entry.is_ended:
-                    raise ApplicationError(
-                        f"avatar session {ref.avatar_session_id} ended ({entry.end_reason})",
-                        type="AvatarSessionEnded",
-                        non_retryable=True,
-                    )
-                for _ in range(int(KEEPALIVE_EVERY / HEARTBEAT_EVERY)):
-                    activity.heartbeat()
-                    await asyncio.sleep(HEARTBEAT_EVERY.total_seconds())
+            try:
+                while True:
+                    try:
+                        await client.keep_alive(ref.avatar_session_id)
+                        entry = await client.get_session(ref.avatar_session_id)
+                    except LiveAvatarNotFound as e:
+                        raise ApplicationError(
+                            f"avatar session {ref.avatar_session_id} is gone: {e}", type="AvatarSessionEnded", non_retryable=True
+                        ) from e
+                    except Exception as e:
+                        raise classify_liveavatar_error(e, f"keep avatar {ref.avatar_session_id} alive") from e
+                    if entry.is_ended:
+                        raise ApplicationError(
+                            f"avatar session {ref.avatar_session_id} ended ({entry.end_reason})",
+                            type="AvatarSessionEnded",
+                            non_retryable=True,
+                        )
+                    for _ in range(int(KEEPALIVE_EVERY / HEARTBEAT_EVERY)):
+                        activity.heartbeat()
+                        await asyncio.sleep(HEARTBEAT_EVERY.total_seconds())
+            except asyncio.CancelledError:
+                details = activity.cancellation_details()
+                # `not_found`: the workflow is gone (terminated, timed out) and no cleanup of its own will run.
+                # Never on `worker_shutdown`: the session lives on and another worker picks this up.
+                if details is not None and details.not_found and not details.worker_shutdown:
+                    await self._release_for_gone_workflow(client, ref.avatar_session_id)
+                raise
+
+    async def _release_for_gone_workflow(self, client: LiveAvatarClient, avatar_session_id: str) -> None:
+        """The keep-alive net: stop the avatar session and delete the room (named after the workflow id) of a
+        session workflow that is gone, unless a run of it is still RUNNING (it continued as new).
+
+        Best effort, each step on its own: what fails here is logged, and the reaper releases it later.
+        """
+        room = activity.info().workflow_id or ""
+        context = {"avatar_session_id": avatar_session_id, "room": room}
+        try:
+            if not room.startswith(ROOM_PREFIX) or not owner_gone(await session_workflow_statuses(activity.client(), room)):
+                return
+        except Exception as e:
+            activity.logger.warning(f"keep-alive net: could not confirm the workflow is gone, released nothing: {e}", extra=context)
+            return
+        steps: list[tuple[str, Callable[[], Awaitable[object]]]] = [
+            ("stop the avatar session", lambda: client.stop_session_confirmed(avatar_session_id)),
+            ("delete the room", lambda: LiveKitActivities(self._settings).release_room(room)),
+        ]
+        for what, step in steps:
+            try:
+                await step()
+            except Exception as e:
+                activity.logger.warning(f"keep-alive net: could not {what}; the reaper will: {e}", extra=context)
+            else:
+                activity.logger.info("keep-alive net: released for a workflow that is gone", extra={**context, "step": what})
 
     @activity.defn
     async def stop_avatar_session(self, ref: AvatarRef) -> None:

@@ -118,9 +118,24 @@ class LiveKitActivities:
     @activity.defn
     async def delete_room(self, room: str) -> None:
         """Delete the room; a room that is already gone counts as deleted. A cleanup step: never gives up."""
+        await self.release_room(room)
+        activity.logger.info("room deleted", extra={"room": room})
+
+    async def release_room(self, room: str) -> None:
+        """Delete `room` (already gone counts as deleted); failures are classified and always retryable.
+
+        Shared by `delete_room` and the safety nets (the keep-alive net, the reaper), which run it outside the
+        workflow's cleanup.
+        """
         async with self._api() as lk:
             await self._call(f"delete room {room}", lk.room.delete_room(api.DeleteRoomRequest(room=room)), cleanup=True)
-        activity.logger.info("room deleted", extra={"room": room})
+
+    async def list_rooms(self) -> list[api.Room]:
+        """Every live room on the server, bounded by the call timeout and classified like the activities."""
+        async with self._api() as lk:
+            listed = await self._call("list rooms", lk.room.list_rooms(api.ListRoomsRequest()))
+        assert listed is not None
+        return list(listed.rooms)
 
     @activity.defn
     async def mint_participant_token(self, inp: MintTokenInput) -> JoinGrant:

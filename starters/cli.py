@@ -7,6 +7,7 @@
     sessionflow end SESSION_ID [--reason TEXT]
     sessionflow extend SESSION_ID SECONDS
     sessionflow show SESSION_ID          state, timeline and Temporal UI link of a session
+    sessionflow reap [--dry-run] [--grace SECONDS]   sweep for orphaned rooms and avatars now, print the report
 """
 
 from __future__ import annotations
@@ -16,16 +17,21 @@ import asyncio
 import json
 import os
 import sys
+import uuid
 from datetime import timedelta
 from pathlib import Path
 
-from temporalio.client import WorkflowExecutionStatus
+from temporalio.client import WorkflowExecutionStatus, WorkflowFailureError
 
 from starters.client import SessionClient, SessionError
 from starters.timeline import render, timeline
 from workers.logging import configure_logging
 from workers.settings import get_settings
+from workers.temporal import connect
 from workers.worker import run_worker
+from workflows.models import ROOM_PREFIX
+from workflows.reaper import ReaperWorkflow
+from workflows.reaper_models import ReapReport, ReapRequest
 
 
 def _load_spec(text: str) -> object:
@@ -73,6 +79,54 @@ async def _show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 24 * 3600:
+        raise argparse.ArgumentTypeError(f"{text} is not between 0 and 86400 seconds")
+    return value
+
+
+async def _reap(args: argparse.Namespace) -> int:
+    """Run one ReaperWorkflow sweep on the worker's task queue and print what it released as a table."""
+    settings = get_settings()
+    request = ReapRequest(grace_seconds=settings.reaper_grace_s if args.grace is None else args.grace, dry_run=args.dry_run)
+    client = await connect(settings)
+    try:
+        report: ReapReport = await client.execute_workflow(
+            ReaperWorkflow.run,
+            request,
+            id=f"sessionflow-reap-{uuid.uuid4().hex[:12]}",
+            task_queue=settings.task_queue,
+            # Nobody polling the queue would leave this waiting forever.
+            execution_timeout=timedelta(minutes=2),
+        )
+    except WorkflowFailureError as e:
+        raise SessionError(
+            f"the sweep did not finish: {e.cause}. Is a worker (`sessionflow worker`) running on task queue "
+            f"{settings.task_queue!r}?"
+        ) from None
+    rows = [("room", name, "would release" if report.dry_run else "released") for name in report.rooms_released]
+    rows += [("avatar", aid, "would release" if report.dry_run else "released") for aid in report.avatars_released]
+    rows += [
+        ("room" if name.startswith(ROOM_PREFIX) else "avatar", name, f"kept: younger than {request.grace_seconds:g} s")
+        for name in report.skipped_young
+    ]
+    if rows:
+        width = max(len(name) for _, name, _ in rows)
+        print(f"{'KIND':<7} {'RESOURCE':<{width}}  ACTION")
+        for kind, name, action in rows:
+            print(f"{kind:<7} {name:<{width}}  {action}")
+    verb = "to release (dry run: nothing was released)" if report.dry_run else "released"
+    print(
+        f"rooms: {report.rooms_seen} seen, {len(report.rooms_released)} {verb}; "
+        f"avatar sessions: {report.avatars_seen} seen, {len(report.avatars_released)} {verb}; "
+        f"{len(report.skipped_young)} kept as too young; {len(report.errors)} errors"
+    )
+    for error in report.errors:
+        print(f"error: {error}")
+    return 1 if report.errors else 0
+
+
 async def _dev(_: argparse.Namespace) -> int:
     from sandbox.stack import LocalStack
 
@@ -118,6 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("show", help="a session's state, timeline and UI link")
     p.add_argument("session_id")
     p.set_defaults(run=_show)
+    p = sub.add_parser("reap", help="sweep for rooms and avatars no running session owns, now; print the report")
+    p.add_argument("--dry-run", action="store_true", help="release nothing, report what would be released")
+    p.add_argument("--grace", type=_seconds, metavar="SECONDS", help="spare anything younger (default SESSIONFLOW_REAPER_GRACE)")
+    p.set_defaults(run=_reap)
     return parser
 
 

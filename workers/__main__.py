@@ -1,4 +1,6 @@
 import asyncio
+import os
+import sys
 
 from workers.logging import configure_logging
 from workers.settings import get_settings
@@ -8,3 +10,6 @@ if __name__ == "__main__":
     settings = get_settings()
     configure_logging(settings.log_format, settings.log_level)
     asyncio.run(run_worker(settings))
+    sys.stderr.flush()
+    # The Temporal runtime can crash at interpreter exit (sdk-python#300); the worker has stopped cleanly here.
+    os._exit(0)

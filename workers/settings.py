@@ -56,6 +56,10 @@ class Settings(BaseSettings):
     )
     liveavatar_call_timeout_s: float = Field(15.0, validation_alias=_env("SESSIONFLOW_LIVEAVATAR_CALL_TIMEOUT"))
 
+    # Reaper (workers/schedules.py): how often it sweeps, and how old an unowned room or avatar must be to go.
+    reaper_every_s: float = Field(30.0, gt=0, validation_alias=_env("SESSIONFLOW_REAPER_EVERY"))
+    reaper_grace_s: float = Field(60.0, ge=0, validation_alias=_env("SESSIONFLOW_REAPER_GRACE"))
+
     # Gateway (LiveKit webhook receiver)
     gateway_host: str = Field("127.0.0.1", validation_alias=_env("SESSIONFLOW_GATEWAY_HOST"))
     gateway_port: int = Field(8099, validation_alias=_env("SESSIONFLOW_GATEWAY_PORT"))

@@ -12,13 +12,16 @@ from temporalio.worker import Worker
 
 from activities.avatar import AvatarActivities
 from activities.livekit import LiveKitActivities
+from activities.reaper import ReaperActivities
+from workers.schedules import ensure_reaper_schedule
 from workers.settings import Settings, get_settings
 from workers.temporal import connect
+from workflows.reaper import ReaperWorkflow
 from workflows.session import SessionWorkflow
 
 log = structlog.get_logger("sessionflow.worker")
 
-WORKFLOWS = [SessionWorkflow]
+WORKFLOWS = [SessionWorkflow, ReaperWorkflow]
 
 
 def activities_for(settings: Settings) -> list:  # type: ignore[type-arg]
@@ -32,6 +35,7 @@ def activities_for(settings: Settings) -> list:  # type: ignore[type-arg]
         avatar.start_avatar_session,
         avatar.keep_avatar_alive,
         avatar.stop_avatar_session,
+        ReaperActivities(settings).reap_orphans,
     ]
 
 
@@ -54,6 +58,7 @@ async def run_worker(settings: Settings | None = None) -> None:
     settings = settings or get_settings()
     client = await connect(settings)
     worker = build_worker(client, settings)
+    await ensure_reaper_schedule(client, settings, settings.task_queue)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -268,6 +268,8 @@ class SessionWorkflow:
                 "start_avatar_session",
                 StartAvatarInput(avatar_session_id=avatar_id, session_token=created.session_token),
                 start_to_close_timeout=timedelta(seconds=60),
+                # Billing may have begun: a lost worker must be noticed in seconds, not after a minute.
+                heartbeat_timeout=timedelta(seconds=10),
                 retry_policy=AVATAR_START,
                 summary=f"start avatar {avatar_id} (billing starts)",
             )
