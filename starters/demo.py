@@ -122,6 +122,7 @@ async def run_interview(settings: Settings, sessions: SessionClient) -> DemoResu
 
     leaked_rooms, leaked_avatars = await check_released(settings, spec, final.avatar_session_id)
     handle = sessions.handle(sid)
+    await handle.result()  # the workflow closes once its keep-alive has acknowledged the end
     history = await handle.fetch_history()
     console.rule("timeline (from the session's Temporal history)")
     console.print(render(timeline(history, sessions.client.data_converter)))
