@@ -50,7 +50,7 @@ def free_offset() -> int:
 def cached_livekit_server() -> Path:
     path = livekit_server_path()
     if not path.is_file():
-        pytest.skip(f"the LiveKit server is not built yet ({path}); run `make livekit`")
+        pytest.fail(f"the LiveKit server is not built yet ({path}); run `make livekit`", pytrace=False)
     return path
 
 
