@@ -39,6 +39,7 @@ import httpx
 from rich.console import Console
 
 from workers.settings import LOCAL_LIVEAVATAR_API_KEY, LOCAL_LIVEKIT_API_KEY, LOCAL_LIVEKIT_API_SECRET
+from workflows.session import SEARCH_ATTRIBUTE_TYPES
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
@@ -46,7 +47,7 @@ LIVEKIT_VERSION = "v1.13.5"
 LIVEKIT_PACKAGE = "github.com/livekit/livekit-server/cmd/server"
 LIVEKIT_CONFIG = Path(__file__).resolve().with_name("livekit.yaml")
 TEMPORAL_NAMESPACE = "default"
-SEARCH_ATTRIBUTES = ("SessionId", "SessionKind", "SessionStatus", "AvatarSessionId")
+SEARCH_ATTRIBUTES = tuple(SEARCH_ATTRIBUTE_TYPES)
 TEMPORAL_DYNAMIC_CONFIG = {
     "frontend.enableUpdateWorkflowExecution": "true",
     "frontend.enableUpdateWorkflowExecutionAsyncAccepted": "true",
@@ -690,12 +691,13 @@ class LocalStack:
                 str(temporal), "server", "start-dev",
                 "--ip", HOST, "--port", str(p.temporal),
                 "--ui-ip", HOST, "--ui-port", str(p.temporal_ui),
-                "--db-filename", str(self.state_dir / "temporal.sqlite"),
+                # v2: AvatarSessionId became a KeywordList; an older database registered it as Keyword.
+                "--db-filename", str(self.state_dir / "temporal-v2.sqlite"),
                 "--namespace", TEMPORAL_NAMESPACE, "--log-level", "warn",
                 "--ui-disable-news-fetch",  # the UI would fetch a news feed from the internet
             ]
-            for attribute in SEARCH_ATTRIBUTES:
-                command += ["--search-attribute", f"{attribute}=Keyword"]
+            for attribute, kind in SEARCH_ATTRIBUTE_TYPES.items():
+                command += ["--search-attribute", f"{attribute}={kind}"]
             for key, value in TEMPORAL_DYNAMIC_CONFIG.items():
                 command += ["--dynamic-config-value", f"{key}={value}"]
             if self.ui_codec_endpoint:

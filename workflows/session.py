@@ -67,9 +67,13 @@ with workflow.unsafe.imports_passed_through():
 SESSION_ID = SearchAttributeKey.for_keyword("SessionId")
 SESSION_KIND = SearchAttributeKey.for_keyword("SessionKind")
 SESSION_STATUS = SearchAttributeKey.for_keyword("SessionStatus")
-AVATAR_SESSION_ID = SearchAttributeKey.for_keyword("AvatarSessionId")
-# Every one must be registered (as Keyword) in the namespace, or upserting it fails the workflow task.
-SEARCH_ATTRIBUTES = [k.name for k in (SESSION_ID, SESSION_KIND, SESSION_STATUS, AVATAR_SESSION_ID)]
+# Every avatar session the session ever recorded, so support and the reaper find the owner of any of them
+# (during a rotation two are billing at once).
+AVATAR_SESSION_ID = SearchAttributeKey.for_keyword_list("AvatarSessionId")
+# Every one must be registered in the namespace with its type, or upserting it fails the workflow task.
+SEARCH_ATTRIBUTES = (SESSION_ID, SESSION_KIND, SESSION_STATUS, AVATAR_SESSION_ID)
+# The same, as the dev server's `--search-attribute NAME=TYPE` flags want them.
+SEARCH_ATTRIBUTE_TYPES = {"SessionId": "Keyword", "SessionKind": "Keyword", "SessionStatus": "Keyword", "AvatarSessionId": "KeywordList"}
 
 PARTICIPANT_TOKEN_TTL = timedelta(minutes=15)  # LiveKit refreshes the token of a connected client
 AVATAR_TOKEN_MARGIN = timedelta(minutes=10)
@@ -260,7 +264,7 @@ class SessionWorkflow:
         self._starting.add(avatar_id)
         try:
             self._apply(AvatarRecorded(avatar_id))
-            workflow.upsert_search_attributes([AVATAR_SESSION_ID.value_set(avatar_id)])
+            workflow.upsert_search_attributes([AVATAR_SESSION_ID.value_set(list(self._machine.avatars))])
             if self._stop_avatar_work:
                 self._apply(AvatarLost(avatar_id, "not started: the session is ending"))
                 return

@@ -20,6 +20,7 @@ import pytest
 from sandbox.stack import (
     HOST,
     LIVEKIT_CONFIG,
+    SEARCH_ATTRIBUTE_TYPES,
     SEARCH_ATTRIBUTES,
     LiveKitBuildError,
     LocalStack,
@@ -181,7 +182,7 @@ def test_temporal_registers_the_search_attributes(tmp_path: Path) -> None:
         )
 
     for name in SEARCH_ATTRIBUTES:
-        assert re.search(rf"^\s*{name}\s+Keyword\s*$", listed.stdout, re.M), listed.stdout
+        assert re.search(rf"^\s*{name}\s+{SEARCH_ATTRIBUTE_TYPES[name]}\s*$", listed.stdout, re.M), listed.stdout
 
 
 # ---- the CLI

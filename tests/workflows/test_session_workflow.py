@@ -12,7 +12,7 @@ from temporalio.exceptions import ApplicationError
 from starters.client import ExtendBeyondCap, RoomFull, SessionClient, SessionEnded, UnknownParticipant
 from tests.workflows.conftest import StubWorld
 from workflows.models import EndReason, JoinGrant, SessionOutcome, RoomEvent, RoomEventKind, SessionSpec, SessionStatus
-from workflows.session import SessionWorkflow
+from workflows.session import AVATAR_SESSION_ID, SessionWorkflow
 
 
 def make_spec(**overrides) -> SessionSpec:  # type: ignore[no-untyped-def]
@@ -149,7 +149,7 @@ async def test_avatar_is_recorded_before_it_is_started_and_stopped_at_the_end(
     state = await sessions.state(spec.session_id)
     assert state.avatar_session_id == "avatar-1"
     desc = await sessions.handle(spec.session_id).describe()
-    assert desc.typed_search_attributes.get(_key("AvatarSessionId")) == "avatar-1"
+    assert desc.typed_search_attributes.get(AVATAR_SESSION_ID) == ["avatar-1"]
     await sessions.end(spec.session_id)
     names = world.names()
     assert names.index("create_avatar_session") < names.index("start_avatar_session") < names.index("stop_avatar_session")
