@@ -41,8 +41,6 @@ def classify_livekit_error(exc: BaseException, what: str) -> BaseException:
     return exc
 
 
-
-
 def never_final(err: BaseException) -> BaseException:
     """For cleanup steps, which must never give up: the same error, but retryable.
 

@@ -194,9 +194,9 @@ class SessionWorkflow:
                 case ReleaseRoom():
                     self._spawn(self._release_room())
 
-    def _spawn(self, coro) -> asyncio.Task[None]:  # type: ignore[no-untyped-def]
-        task = asyncio.get_running_loop().create_task(self._guard(coro))
-        return task
+    def _spawn(self, coro) -> None:  # type: ignore[no-untyped-def]
+        """Run `coro` beside the main loop (a workflow cancel does not reach it; see `_shielded_cleanup`)."""
+        asyncio.get_running_loop().create_task(self._guard(coro))
 
     async def _guard(self, coro) -> None:  # type: ignore[no-untyped-def]
         """Work that fails for good ends the session as failed (and then everything is released)."""
