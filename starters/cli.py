@@ -27,7 +27,7 @@ from starters.client import SessionClient, SessionError
 from starters.timeline import render, timeline
 from workers.logging import configure_logging
 from workers.settings import get_settings
-from workers.temporal import connect
+from workers.temporal import TemporalUnavailable, connect
 from workers.worker import run_worker
 from workflows.models import ROOM_PREFIX
 from workflows.reaper import ReaperWorkflow
@@ -44,8 +44,9 @@ def _load_spec(text: str) -> object:
 
 
 async def _join(args: argparse.Namespace) -> int:
+    spec = _load_spec(args.spec)  # bad input is refused before anything is contacted
     sessions = await SessionClient.connect()
-    grant = await sessions.join(_load_spec(args.spec), args.identity)  # type: ignore[arg-type]
+    grant = await sessions.join(spec, args.identity)  # type: ignore[arg-type]
     print(grant.model_dump_json(indent=2))
     return 0
 
@@ -182,10 +183,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     settings = get_settings()
-    configure_logging(settings.log_format, os.environ.get("SESSIONFLOW_LOG_LEVEL", "WARNING" if args.command != "worker" and args.command != "dev" else settings.log_level))
+    # One-shot commands print their result, not logs, unless a level is asked for.
+    long_running = args.command in ("worker", "dev")
+    level = settings.log_level if long_running or "SESSIONFLOW_LOG_LEVEL" in os.environ else "WARNING"
+    configure_logging(settings.log_format, level)
     try:
         rc = args.sync(args) if hasattr(args, "sync") else asyncio.run(args.run(args))
-    except SessionError as e:
+    except (SessionError, TemporalUnavailable) as e:
         print(f"sessionflow: {e}", file=sys.stderr)
         rc = 2
     except KeyboardInterrupt:

@@ -30,8 +30,22 @@ def _tls(settings: Settings) -> TLSConfig | bool:
     return settings.temporal_tls or settings.temporal_api_key is not None
 
 
+class TemporalUnavailable(RuntimeError):
+    """Temporal could not be reached; the message says where we looked and what to do."""
+
+
 async def connect(settings: Settings | None = None) -> Client:
     settings = settings or get_settings()
+    try:
+        return await _connect(settings)
+    except RuntimeError as e:
+        raise TemporalUnavailable(
+            f"cannot reach Temporal at {settings.temporal_address} (namespace {settings.temporal_namespace}): {e}. "
+            "Start the local stack with `sessionflow dev` (or `make stack`), or set TEMPORAL_ADDRESS"
+        ) from e
+
+
+async def _connect(settings: Settings) -> Client:
     return await Client.connect(
         settings.temporal_address,
         namespace=settings.temporal_namespace,
