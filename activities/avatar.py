@@ -32,7 +32,7 @@ from activities.liveavatar_client import (
     LiveAvatarValidationError,
 )
 from activities.reaper import owner_gone, session_workflow_statuses
-from workers.settings import Settings
+from config.settings import Settings
 from workflows.models import ROOM_PREFIX, AvatarCreated, AvatarRef, CreateAvatarInput, MintTokenInput, StartAvatarInput
 
 T = TypeVar("T")

@@ -20,7 +20,7 @@ from livekit import api
 from temporalio import activity
 
 from activities.errors import classify_livekit_error, never_final
-from workers.settings import Settings
+from config.settings import Settings
 from workflows.models import CreateRoomInput, JoinGrant, MintTokenInput, Role
 
 T = TypeVar("T")

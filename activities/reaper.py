@@ -27,7 +27,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from activities.liveavatar_client import LiveAvatarClient, LiveAvatarRateLimited, SessionEntry
 from activities.livekit import LiveKitActivities
-from workers.settings import Settings
+from config.settings import Settings
 from workflows.models import ROOM_PREFIX
 from workflows.reaper_models import ReapReport, ReapRequest
 

@@ -24,7 +24,7 @@ from temporalio.common import WorkflowIDConflictPolicy
 from temporalio.worker import Worker
 
 from starters.client import SessionClient
-from workers.settings import Settings
+from config.settings import Settings
 from workers.temporal import connect
 from workers.worker import build_worker
 from workflows.models import SessionSpec

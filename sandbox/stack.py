@@ -38,8 +38,8 @@ from pathlib import Path
 import httpx
 from rich.console import Console
 
-from workers.settings import LOCAL_LIVEAVATAR_API_KEY, LOCAL_LIVEKIT_API_KEY, LOCAL_LIVEKIT_API_SECRET
-from workflows.session import SEARCH_ATTRIBUTE_TYPES
+from config.settings import LOCAL_LIVEAVATAR_API_KEY, LOCAL_LIVEKIT_API_KEY, LOCAL_LIVEKIT_API_SECRET
+from workflows.search_attributes import SEARCH_ATTRIBUTE_TYPES
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"

@@ -26,7 +26,7 @@ from temporalio.client import WorkflowExecutionStatus, WorkflowFailureError
 from starters.client import SessionClient, SessionError
 from starters.timeline import render, timeline
 from workers.logging import configure_logging
-from workers.settings import get_settings
+from config.settings import get_settings
 from workers.temporal import TemporalUnavailable, connect
 from workers.worker import run_worker
 from workflows.models import ROOM_PREFIX

@@ -26,7 +26,7 @@ from temporalio.common import SearchAttributePair, TypedSearchAttributes, Workfl
 from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
-from workers.settings import Settings, get_settings
+from config.settings import Settings, get_settings
 from workers.temporal import connect
 from workflows.models import (
     EndRequest,
@@ -40,7 +40,8 @@ from workflows.models import (
     SessionStatus,
     workflow_id_for,
 )
-from workflows.session import SESSION_ID, SESSION_KIND, SESSION_STATUS, SessionWorkflow
+from workflows.search_attributes import SESSION_ID, SESSION_KIND, SESSION_STATUS
+from workflows.session import SessionWorkflow
 
 
 class SessionError(Exception):

@@ -25,7 +25,7 @@ from sandbox.media import join_room
 from sandbox.stack import LocalStack
 from starters.client import SessionClient
 from starters.timeline import render, timeline
-from workers.settings import DEFAULT_AVATAR_ID, Settings
+from config.settings import DEFAULT_AVATAR_ID, Settings
 from workers.temporal import connect
 from workers.worker import build_worker
 from workflows.models import SessionSpec, avatar_identity_prefix

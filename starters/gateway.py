@@ -23,7 +23,7 @@ from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 
 from workers.logging import configure_logging
-from workers.settings import Settings, get_settings
+from config.settings import Settings, get_settings
 from workers.temporal import connect
 from workflows.models import ROOM_PREFIX, RoomEvent, RoomEventKind
 from workflows.session import SessionWorkflow

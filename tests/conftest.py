@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from workers.settings import Settings
+from config.settings import Settings
 
 
 def venv_binary(name: str) -> str:

@@ -3,7 +3,7 @@ import os
 import sys
 
 from workers.logging import configure_logging
-from workers.settings import get_settings
+from config.settings import get_settings
 from workers.worker import run_worker
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from temporalio.client import (
     ScheduleUpdateInput,
 )
 
-from workers.settings import Settings
+from config.settings import Settings
 from workflows.reaper import ReaperWorkflow
 from workflows.reaper_models import ReapRequest
 

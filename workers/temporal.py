@@ -12,7 +12,7 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.converter import DataConverter
 from temporalio.service import TLSConfig
 
-from workers.settings import Settings, get_settings
+from config.settings import Settings, get_settings
 
 
 def data_converter(settings: Settings | None = None) -> DataConverter:

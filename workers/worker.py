@@ -14,7 +14,7 @@ from activities.avatar import AvatarActivities
 from activities.livekit import LiveKitActivities
 from activities.reaper import ReaperActivities
 from workers.schedules import ensure_reaper_schedule
-from workers.settings import Settings, get_settings
+from config.settings import Settings, get_settings
 from workers.temporal import connect
 from workflows.reaper import ReaperWorkflow
 from workflows.session import SessionWorkflow

@@ -13,7 +13,7 @@ from collections import deque
 from datetime import timedelta
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy, SearchAttributeKey
+from temporalio.common import RetryPolicy
 from temporalio.exceptions import ApplicationError, FailureError, is_cancelled_exception
 from temporalio.workflow import ActivityCancellationType
 
@@ -44,6 +44,7 @@ with workflow.unsafe.imports_passed_through():
         StopAvatarWork,
         TimerFired,
     )
+    from workflows.search_attributes import AVATAR_SESSION_ID, SESSION_STATUS
     from workflows.models import (
         AvatarCreated,
         AvatarRef,
@@ -63,17 +64,6 @@ with workflow.unsafe.imports_passed_through():
         SessionStatus,
         StartAvatarInput,
     )
-
-SESSION_ID = SearchAttributeKey.for_keyword("SessionId")
-SESSION_KIND = SearchAttributeKey.for_keyword("SessionKind")
-SESSION_STATUS = SearchAttributeKey.for_keyword("SessionStatus")
-# Every avatar session the session ever recorded, so support and the reaper find the owner of any of them
-# (during a rotation two are billing at once).
-AVATAR_SESSION_ID = SearchAttributeKey.for_keyword_list("AvatarSessionId")
-# Every one must be registered in the namespace with its type, or upserting it fails the workflow task.
-SEARCH_ATTRIBUTES = (SESSION_ID, SESSION_KIND, SESSION_STATUS, AVATAR_SESSION_ID)
-# The same, as the dev server's `--search-attribute NAME=TYPE` flags want them.
-SEARCH_ATTRIBUTE_TYPES = {"SessionId": "Keyword", "SessionKind": "Keyword", "SessionStatus": "Keyword", "AvatarSessionId": "KeywordList"}
 
 PARTICIPANT_TOKEN_TTL = timedelta(minutes=15)  # LiveKit refreshes the token of a connected client
 AVATAR_TOKEN_MARGIN = timedelta(minutes=10)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from workers.settings import LOCAL_LIVEAVATAR_API_KEY
+from config.settings import LOCAL_LIVEAVATAR_API_KEY
 
 
 class EmulatorConfig(BaseSettings):

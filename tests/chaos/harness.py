@@ -44,7 +44,7 @@ from sandbox.stack import REPO_ROOT, SERVICE_NAMES, LocalStack, StackPorts
 from starters.client import SessionClient
 from tests.integration.conftest import eventually
 from tests.integration.test_session_e2e import interview
-from workers.settings import DEFAULT_AVATAR_ID, Settings
+from config.settings import DEFAULT_AVATAR_ID, Settings
 from workflows.models import AvatarStart, SessionSpec, SessionState
 
 PORT_OFFSET = int(os.environ.get("SESSIONFLOW_CHAOS_PORT_OFFSET", "500"))

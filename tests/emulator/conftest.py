@@ -1,6 +1,6 @@
 """Fixtures for the LiveAvatar emulator tests: a real LiveKit server, emulators served in-process, helpers.
 
-The LiveKit server comes from ``workers.settings.Settings`` (defaults: the local dev server on 127.0.0.1:7880).
+The LiveKit server comes from ``config.settings.Settings`` (defaults: the local dev server on 127.0.0.1:7880).
 If it is not answering, tests fail (never skip) and say how to start it.
 """
 
@@ -20,7 +20,7 @@ from livekit import api, rtc
 
 from sandbox.emulator import EmulatorConfig, serve
 from sandbox.media import join_room
-from workers.settings import DEFAULT_AVATAR_ID, Settings
+from config.settings import DEFAULT_AVATAR_ID, Settings
 
 TEST_API_KEY = "emulator-test-key"
 HERE = Path(__file__).parent

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from workers.settings import DEFAULT_AVATAR_ID
+from config.settings import DEFAULT_AVATAR_ID
 
 from .conftest import TEST_API_KEY, Emulator, EmulatorFactory, eventually
 

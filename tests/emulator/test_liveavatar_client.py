@@ -27,7 +27,7 @@ from activities.liveavatar_client import (
     SessionToken,
     StopOutcome,
 )
-from workers.settings import DEFAULT_AVATAR_ID
+from config.settings import DEFAULT_AVATAR_ID
 
 from .conftest import TEST_API_KEY, Emulator, EmulatorFactory, LiveKit
 

@@ -20,7 +20,7 @@ from temporalio.client import Client, WorkflowHandle
 
 from activities.liveavatar_client import LiveAvatarClient
 from starters.client import SessionClient
-from workers.settings import Settings
+from config.settings import Settings
 from workers.temporal import connect
 from workers.worker import build_worker
 

@@ -20,7 +20,7 @@ from activities.avatar import AvatarActivities
 from activities.livekit import LiveKitActivities
 from activities.liveavatar_client import LiveAvatarClient
 from tests.integration.conftest import room_names
-from workers.settings import DEFAULT_AVATAR_ID, Settings
+from config.settings import DEFAULT_AVATAR_ID, Settings
 from workflows.models import (
     AvatarRef,
     AvatarSpec,

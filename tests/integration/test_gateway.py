@@ -10,7 +10,7 @@ import httpx
 import pytest
 from livekit import api
 
-from workers.settings import Settings
+from config.settings import Settings
 
 pytestmark = pytest.mark.stack
 

@@ -28,7 +28,7 @@ from starters.client import SessionClient
 from tests.integration.conftest import eventually, room_names
 from tests.integration.test_session_e2e import interview
 from workers.schedules import REAPER_SCHEDULE_ID, ensure_reaper_schedule
-from workers.settings import DEFAULT_AVATAR_ID, Settings
+from config.settings import DEFAULT_AVATAR_ID, Settings
 from workers.worker import build_worker
 from workflows.reaper import ReaperWorkflow
 from workflows.reaper_models import ReapReport, ReapRequest

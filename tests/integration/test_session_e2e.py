@@ -13,7 +13,7 @@ from activities.liveavatar_client import LiveAvatarClient, SessionEndReason
 from sandbox.media import SyntheticMedia, join_room
 from starters.client import InvalidInput, SessionClient, SessionEnded, UnknownParticipant
 from tests.integration.conftest import eventually, record_history, room_names
-from workers.settings import DEFAULT_AVATAR_ID
+from config.settings import DEFAULT_AVATAR_ID
 from workflows.models import EndReason, SessionSpec, SessionStatus, avatar_identity_prefix
 
 pytestmark = pytest.mark.stack

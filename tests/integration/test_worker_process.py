@@ -15,7 +15,7 @@ import pytest
 
 from starters.client import SessionClient
 from tests.integration.test_session_e2e import interview
-from workers.settings import Settings
+from config.settings import Settings
 from workflows.models import SessionStatus
 
 pytestmark = pytest.mark.stack

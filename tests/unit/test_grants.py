@@ -10,7 +10,7 @@ from livekit.api import TokenVerifier
 from pydantic import SecretStr
 
 from activities.livekit import ROLE_GRANTS, mint_token
-from workers.settings import Settings
+from config.settings import Settings
 from workflows.models import MintTokenInput, Role
 
 API_KEY = "unit-test-key"

@@ -15,7 +15,7 @@ from activities.reaper import (
     owner_gone,
     verdict,
 )
-from workflows.session import AVATAR_SESSION_ID
+from workflows.search_attributes import AVATAR_SESSION_ID
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,7 @@ from temporalio.worker import Worker
 
 from starters.client import SessionClient
 from tests.conftest import venv_binary
-from workers.settings import Settings
+from config.settings import Settings
 from workers.temporal import data_converter
 from workflows.models import (
     AvatarCreated,
@@ -30,7 +30,8 @@ from workflows.models import (
     MintTokenInput,
     StartAvatarInput,
 )
-from workflows.session import SEARCH_ATTRIBUTES, SessionWorkflow
+from workflows.search_attributes import SEARCH_ATTRIBUTES
+from workflows.session import SessionWorkflow
 
 
 @dataclass

@@ -12,7 +12,8 @@ from temporalio.exceptions import ApplicationError
 from starters.client import ExtendBeyondCap, RoomFull, SessionClient, SessionEnded, UnknownParticipant
 from tests.workflows.conftest import StubWorld
 from workflows.models import EndReason, JoinGrant, SessionOutcome, RoomEvent, RoomEventKind, SessionSpec, SessionStatus
-from workflows.session import AVATAR_SESSION_ID, SessionWorkflow
+from workflows.search_attributes import AVATAR_SESSION_ID
+from workflows.session import SessionWorkflow
 
 
 def make_spec(**overrides) -> SessionSpec:  # type: ignore[no-untyped-def]
