@@ -1,21 +1,41 @@
-"""The session's decisions as a pure state machine: state + event -> new state + commands.
+"""The session's decisions as a pure state machine: events in, commands out.
 
-No Temporal, no I/O, no clock: `now` comes in with every event. `SessionWorkflow` is the thin shell that turns
-the commands into activities and feeds what happened back in as events. Keeping the decisions here lets the
-unit and property tests walk every path and check the one promise that matters most: every resource the
-session created (the room, each avatar session) is released, exactly once, whatever happens.
+Everything that decides what a session does lives in this file: when to create and delete the room, when to
+create, start, keep alive, stop and replace an avatar session, who may join, when timers fire and what they
+mean, what each failure means, when the session may close. `SessionWorkflow` is the interpreter around it:
+it runs each command (an activity, a search-attribute upsert, a keep-alive cancel), turns what happened into
+an event, and feeds it back. No Temporal, no I/O, no clock: `now` comes in with every event.
+
+Each resource has its own small lifecycle, so the ordering rules are states, not code in the shell:
+
+    room:           none -> creating -> live | maybe -> deleting -> gone
+                    (a delete asked for while `creating` waits in `delete_wanted` until the create lands)
+    avatar session: starting -> live -> stopping -> stopped
+                    (a stop asked for while `starting` waits in `stop_wanted` until the start settles)
+
+An event that a resource's table does not expect (a start result for an avatar session that is not
+starting, a delete result for a room that is not deleting) is a bug in the shell: it raises
+`UnexpectedEvent`, which fails the workflow task loudly instead of leaving the session in a state nobody
+planned for. Room happenings (webhooks, the monitor) are different: they arrive late, twice or out of
+order, so they are deduplicated by event id and tolerated in any state.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections import deque
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
 
 from workflows.models import (
     AvatarStart,
+    CreateAvatarInput,
+    CreateRoomInput,
     EndReason,
+    MintTokenInput,
+    SessionOutcome,
     SessionSpec,
+    SessionState,
     SessionStatus,
     WhenLost,
     avatar_identity_for,
@@ -24,6 +44,12 @@ from workflows.models import (
 
 # A fresh avatar session is started this long before the current one reaches its max_session_duration.
 ROTATION_MARGIN = timedelta(seconds=60)
+PARTICIPANT_TOKEN_TTL = timedelta(minutes=15)  # LiveKit refreshes the token of a connected client
+# LiveKit keeps the room this long after the last person leaves, on top of their reconnect grace.
+DEPARTURE_MARGIN = timedelta(minutes=1)
+# Besides the roster, the room holds the engine's own participants: the avatar and the room monitor.
+ENGINE_PARTICIPANTS = 2
+SEEN_EVENT_IDS = 512  # room events are deduplicated over this many recent ids
 
 # ---- events: what happened ---------------------------------------------------------------------------------
 
@@ -34,25 +60,47 @@ class RoomCreated:
 
 
 @dataclass(frozen=True)
+class RoomCreateFailed:
+    """create_room gave up. The room may still exist (a timed-out attempt may have succeeded)."""
+
+    detail: str = "the room could not be created"
+
+
+@dataclass(frozen=True)
+class RoomDeleted:
+    pass
+
+
+@dataclass(frozen=True)
 class ParticipantJoined:
     identity: str
+    event_id: str | None = None
 
 
 @dataclass(frozen=True)
 class ParticipantLeft:
     identity: str
+    event_id: str | None = None
 
 
 @dataclass(frozen=True)
-class JoinGranted:
-    identity: str
+class RoomClosed:
+    """LiveKit reports the room finished."""
+
+    event_id: str | None = None
 
 
 @dataclass(frozen=True)
-class AvatarRecorded:
-    """Step A done: LiveAvatar allocated a session id. Recorded before anything can bill."""
+class AvatarCreated:
+    """Step A done: LiveAvatar allocated a session id (nothing bills yet). `session_token` starts it."""
 
     avatar_session_id: str
+    session_token: str
+
+
+@dataclass(frozen=True)
+class AvatarCreateFailed:
+    detail: str
 
 
 @dataclass(frozen=True)
@@ -61,17 +109,48 @@ class AvatarStarted:
 
 
 @dataclass(frozen=True)
-class AvatarLost:
-    """The avatar could not start, or its keep-alive found the session ended."""
-
-    avatar_session_id: str | None
+class AvatarStartFailed:
+    avatar_session_id: str
     detail: str
 
 
 @dataclass(frozen=True)
+class AvatarEnded:
+    """The keep-alive found the avatar session ended on LiveAvatar's side."""
+
+    avatar_session_id: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class KeepAliveStopped:
+    """The keep-alive acknowledged its cancel."""
+
+    avatar_session_id: str
+
+
+@dataclass(frozen=True)
+class AvatarStopped:
+    avatar_session_id: str
+
+
+@dataclass(frozen=True)
 class EndRequested:
-    reason: EndReason
+    detail: str
+
+
+@dataclass(frozen=True)
+class CancelRequested:
+    """The workflow was cancelled (the abort path; `end` is the normal one)."""
+
     detail: str | None = None
+
+
+@dataclass(frozen=True)
+class Failed:
+    """Something failed for good outside any resource's lifecycle (an unexpected failure of the run)."""
+
+    detail: str
 
 
 @dataclass(frozen=True)
@@ -84,41 +163,25 @@ class TimerFired:
     """The shell's wait for `next_deadline()` ran out."""
 
 
-@dataclass(frozen=True)
-class RoomCreateFailed:
-    """create_room gave up. The room may still exist (a timed-out attempt may have succeeded)."""
-
-
-@dataclass(frozen=True)
-class RoomClosed:
-    """LiveKit reports the room finished while the session did not ask for it."""
-
-
-@dataclass(frozen=True)
-class RoomReleased:
-    pass
-
-
-@dataclass(frozen=True)
-class AvatarReleased:
-    avatar_session_id: str
-
-
 Event = (
     RoomCreated
+    | RoomCreateFailed
+    | RoomDeleted
     | ParticipantJoined
     | ParticipantLeft
-    | JoinGranted
-    | AvatarRecorded
+    | RoomClosed
+    | AvatarCreated
+    | AvatarCreateFailed
     | AvatarStarted
-    | AvatarLost
+    | AvatarStartFailed
+    | AvatarEnded
+    | KeepAliveStopped
+    | AvatarStopped
     | EndRequested
+    | CancelRequested
+    | Failed
     | Extended
     | TimerFired
-    | RoomCreateFailed
-    | RoomClosed
-    | RoomReleased
-    | AvatarReleased
 )
 
 # ---- commands: what the shell must do ----------------------------------------------------------------------
@@ -126,44 +189,81 @@ Event = (
 
 @dataclass(frozen=True)
 class CreateRoom:
-    pass
+    request: CreateRoomInput
 
 
 @dataclass(frozen=True)
-class StartAvatar:
-    """Create and start an avatar session that joins the room as `identity`."""
-
-    identity: str
+class DeleteRoom:
+    room: str
 
 
 @dataclass(frozen=True)
-class StopAvatarWork:
-    """Stop the keep-alive of one avatar session, or (None) all avatar work: no new starts, no keep-alives.
-    A start already in flight finishes first, so its session is never stopped halfway into billing."""
+class CreateAvatarSession:
+    """Step A: allocate a LiveAvatar session (no billing). Answered by AvatarCreated or AvatarCreateFailed."""
 
-    avatar_session_id: str | None = None
+    request: CreateAvatarInput
 
 
 @dataclass(frozen=True)
-class ReleaseAvatar:
+class PublishAvatarSessions:
+    """Upsert the `AvatarSessionId` search attribute: every avatar session the session recorded."""
+
+    avatar_session_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class StartAvatarSession:
+    """Step B: billing starts. Answered by AvatarStarted or AvatarStartFailed."""
+
+    avatar_session_id: str
+    session_token: str
+
+
+@dataclass(frozen=True)
+class KeepAvatarAlive:
+    """Run the keep-alive until cancelled; answered by KeepAliveStopped (cancelled) or AvatarEnded."""
+
     avatar_session_id: str
 
 
 @dataclass(frozen=True)
-class ReleaseRoom:
-    pass
+class CancelKeepAlive:
+    avatar_session_id: str
 
 
-Command = CreateRoom | StartAvatar | StopAvatarWork | ReleaseAvatar | ReleaseRoom
+@dataclass(frozen=True)
+class StopAvatarSession:
+    """Answered by AvatarStopped (retried until it succeeds)."""
+
+    avatar_session_id: str
 
 
-class Held(StrEnum):
-    """Where a resource stands. Release is asked once (RELEASING) and confirmed once (RELEASED)."""
+@dataclass(frozen=True)
+class PublishStatus:
+    """Upsert the `SessionStatus` search attribute."""
 
-    NONE = "none"
-    HELD = "held"
-    RELEASING = "releasing"
-    RELEASED = "released"
+    status: SessionStatus
+
+
+Command = (
+    CreateRoom
+    | DeleteRoom
+    | CreateAvatarSession
+    | PublishAvatarSessions
+    | StartAvatarSession
+    | KeepAvatarAlive
+    | CancelKeepAlive
+    | StopAvatarSession
+    | PublishStatus
+)
+
+
+@dataclass(frozen=True)
+class Deadline:
+    """When the shell must wake the machine with `TimerFired`, and what for (the timer's name in the UI)."""
+
+    at: datetime
+    name: str
 
 
 # ---- typed refusals for `join` and `extend` -----------------------------------------------------------------
@@ -187,6 +287,10 @@ class SessionEnded(Refusal):
     kind = "SessionEnded"
 
 
+class SessionCancelled(SessionEnded):
+    kind = "SessionCancelled"
+
+
 class RoomFull(Refusal):
     kind = "RoomFull"
 
@@ -195,48 +299,109 @@ class ExtendBeyondCap(Refusal):
     kind = "ExtendBeyondCap"
 
 
-# ---- the machine -------------------------------------------------------------------------------------------
+class UnexpectedEvent(RuntimeError):
+    """An event the machine's tables do not allow in the current state: a bug in the shell, never input."""
+
+
+# ---- the resources -----------------------------------------------------------------------------------------
+
+
+class RoomPhase(StrEnum):
+    NONE = "none"  # nothing asked of LiveKit yet
+    CREATING = "creating"  # create_room in flight
+    LIVE = "live"
+    MAYBE = "maybe"  # create_room gave up; the room may exist all the same
+    DELETING = "deleting"  # delete_room in flight (retried until it succeeds)
+    GONE = "gone"
+
+
+@dataclass(frozen=True)
+class Room:
+    phase: RoomPhase = RoomPhase.NONE
+    delete_wanted: bool = False  # the end came while the create was in flight: delete once it lands
+
+
+class AvatarPhase(StrEnum):
+    STARTING = "starting"  # recorded (step A done), start in flight
+    LIVE = "live"  # started: billing
+    STOPPING = "stopping"  # stop in flight (retried until it succeeds)
+    STOPPED = "stopped"
+
+
+@dataclass(frozen=True)
+class AvatarSession:
+    """One LiveAvatar session of this session, by its own id and its own room identity."""
+
+    id: str
+    identity: str
+    phase: AvatarPhase = AvatarPhase.STARTING
+    stop_wanted: bool = False  # lost or unwanted while starting: stopped once the start settles
+    keepalive: bool = False  # its keep-alive activity is running
+    billed_from: datetime | None = None
+    billed_until: datetime | None = None
+
+    @property
+    def billed_seconds(self) -> float:
+        if self.billed_from is None or self.billed_until is None:
+            return 0.0
+        return max((self.billed_until - self.billed_from).total_seconds(), 0.0)
 
 
 @dataclass
-class SessionMachine:
-    spec: SessionSpec
-    started_at: datetime
-    status: SessionStatus = SessionStatus.PROVISIONING
-    room: Held = Held.NONE
-    room_creating: bool = False  # create_room is in flight
-    _room_may_exist: bool = False
-    # Avatar sessions in the order they were recorded; the last one started is `avatar_current`.
-    avatars: dict[str, Held] = field(default_factory=dict)
-    avatar_requested: bool = False  # a first avatar was asked for
-    avatar_starting: bool = False  # a StartAvatar is in flight (not yet started, nor failed)
-    avatar_incoming: str | None = None  # the recorded id of that in-flight start
-    avatar_current: str | None = None  # the avatar session serving the room
-    avatar_identities: dict[str, str] = field(default_factory=dict)  # avatar session id -> room identity
-    avatar_starts: int = 0
-    avatar_present: bool = False
-    avatar_problem: str | None = None
-    avatar_replacements: int = 0  # replacements after losses (rotations do not count)
-    avatar_retry_at: datetime | None = None
-    avatar_rotate_at: datetime | None = None
-    avatar_rotating_from: str | None = None
-    avatar_fallback: bool = False
-    avatar_billed_since: dict[str, datetime] = field(default_factory=dict)
-    avatar_seconds: float = 0.0
+class AvatarPlan:
+    """Which avatar session serves the room, and what happens when it is lost or reaches its cap."""
+
+    requested: bool = False  # a first avatar was asked for
+    creating: str | None = None  # identity of a step A in flight (no id yet)
+    incoming: str | None = None  # the recorded id being started to serve the room
+    current: str | None = None  # the avatar session serving the room
+    rotating_from: str | None = None  # during a rotation: the one the incoming replaces
+    starts: int = 0  # avatar sessions asked for (their identities are numbered)
+    present: bool = False  # the serving avatar is in the room
+    problem: str | None = None
+    replacements: int = 0  # after losses (rotations do not count)
+    retry_at: datetime | None = None
+    rotate_at: datetime | None = None
+    fallback: bool = False  # could not be kept: the session goes on without it
+
+    @property
+    def start_in_flight(self) -> bool:
+        return self.creating is not None or self.incoming is not None
+
+
+@dataclass
+class People:
     present: set[str] = field(default_factory=set)
     admitted: set[str] = field(default_factory=set)
     joined: list[str] = field(default_factory=list)
     reconnect_by: dict[str, datetime] = field(default_factory=dict)
-    recoveries: list[str] = field(default_factory=list)
-    deadline: datetime = field(init=False)
-    end_reason: EndReason | None = None
-    end_detail: str | None = None
-    ended_at: datetime | None = None
-    end_decided_at: datetime | None = None
-    live_since: datetime | None = None
 
-    def __post_init__(self) -> None:
-        self.deadline = self.started_at + self.spec.max_duration
+
+@dataclass(frozen=True)
+class Ending:
+    reason: EndReason
+    detail: str | None
+    decided_at: datetime
+
+
+# ---- the machine -------------------------------------------------------------------------------------------
+
+
+class SessionMachine:
+    def __init__(self, spec: SessionSpec, started_at: datetime) -> None:
+        self.spec = spec
+        self.started_at = started_at
+        self.deadline = started_at + spec.max_duration
+        self.status = SessionStatus.PROVISIONING
+        self.room = Room()
+        self.avatars: dict[str, AvatarSession] = {}  # in the order they were recorded
+        self.avatar = AvatarPlan()
+        self.people = People()
+        self.ending: Ending | None = None
+        self.live_since: datetime | None = None
+        self.ended_at: datetime | None = None
+        self.recoveries: list[str] = []
+        self._seen: deque[str] = deque(maxlen=SEEN_EVENT_IDS)
 
     # -- reading -------------------------------------------------------------------------------------------
 
@@ -249,70 +414,77 @@ class SessionMachine:
         return self.started_at + self.spec.no_show_timeout
 
     @property
-    def ending(self) -> bool:
-        return self.end_reason is not None
+    def end_reason(self) -> EndReason | None:
+        return self.ending.reason if self.ending else None
 
     @property
-    def closed(self) -> bool:
-        """Ended and every resource released: the workflow may return."""
+    def released(self) -> bool:
+        """Ended, and every resource the session created is confirmed released: updates may be answered."""
         return self.status in (SessionStatus.ENDED, SessionStatus.FAILED)
 
     @property
-    def room_ready(self) -> bool:
-        return self.room is Held.HELD and not self.ending
+    def finished(self) -> bool:
+        """Released, and no keep-alive still winding down: the workflow may return."""
+        return self.released and not any(a.keepalive for a in self.avatars.values())
+
+    @property
+    def join_decidable(self) -> bool:
+        """A waiting `join` can be answered: the room exists, or the session is ending."""
+        return self.room.phase is RoomPhase.LIVE or self.ending is not None
 
     @property
     def avatar_session_id(self) -> str | None:
-        """The avatar session now serving the room (or the last one recorded)."""
-        return self.avatar_current or next(reversed(self.avatars), None)
+        """The avatar session serving the room (or, while none does, the last one recorded)."""
+        return self.avatar.current or next(reversed(self.avatars), None)
 
     @property
     def avatar_identity(self) -> str | None:
-        """The room identity of the avatar session serving the room."""
         current = self.avatar_session_id
-        return self.avatar_identities.get(current) if current else None
+        return self.avatars[current].identity if current else None
 
-    def _is_avatar(self, identity: str) -> bool:
-        return identity.startswith(avatar_identity_prefix(self.spec.session_id))
+    @property
+    def avatar_seconds(self) -> float:
+        return sum(a.billed_seconds for a in self.avatars.values())
 
-    def unreleased(self) -> list[Command]:
-        """Release commands for everything held and not yet being released: the cleanup's to-do list."""
-        todo: list[Command] = [ReleaseAvatar(a) for a, h in self.avatars.items() if h is Held.HELD]
-        # A CreateRoom that was issued but never reported back (cancel, failure) may have created the room.
-        if self.room is Held.HELD or (self.room is Held.NONE and self._room_may_exist):
-            todo.append(ReleaseRoom())
-        return todo
+    @property
+    def live_seconds(self) -> float:
+        if self.live_since is None:
+            return 0.0
+        end = self.ending.decided_at if self.ending else self.live_since
+        return max((end - self.live_since).total_seconds(), 0.0)
 
-    def next_deadline(self) -> datetime | None:
-        """When the shell should wake us with `TimerFired` if nothing else happens first."""
+    def next_deadline(self) -> Deadline | None:
+        """When the shell should wake the machine with `TimerFired` if nothing else happens first."""
         if self.ending:
             return None
-        times = [self.deadline, *self.reconnect_by.values()]
-        if not self.joined:
-            times.append(self.no_show_deadline)
-        times += [t for t in (self.avatar_retry_at, self.avatar_rotate_at) if t is not None]
-        return min(times)
+        deadlines = [Deadline(self.deadline, "max duration")]
+        if not self.people.joined:
+            deadlines.append(Deadline(self.no_show_deadline, f"no-show {_seconds(self.spec.no_show_timeout)}"))
+        deadlines += [Deadline(at, f"reconnect grace for {who}") for who, at in sorted(self.people.reconnect_by.items())]
+        if self.avatar.retry_at is not None:
+            deadlines.append(Deadline(self.avatar.retry_at, f"avatar replacement {self.avatar.replacements + 1} backoff"))
+        if self.avatar.rotate_at is not None:
+            deadlines.append(Deadline(self.avatar.rotate_at, "avatar rotation"))
+        return min(deadlines, key=lambda d: d.at)
 
     def check_join(self, identity: str) -> None:
         """Raise a typed refusal if `identity` may not join now (the `join` update's validator)."""
         if self.ending:
-            raise SessionEnded(
-                f"session {self.spec.session_id!r} has ended ({self.end_reason}); start a new session id"
-            )
+            raise self._ended_refusal("start a new session id")
         if self.spec.participant(identity) is None:
             raise UnknownParticipant(
                 f"{identity!r} is not on the roster of session {self.spec.session_id!r}; "
                 "add them to the session's participants when starting it"
             )
-        if identity not in self.admitted and len(self.admitted) >= self.spec.room_capacity:
+        if identity not in self.people.admitted and len(self.people.admitted) >= self.spec.room_capacity:
             raise RoomFull(
-                f"session {self.spec.session_id!r} already admitted {len(self.admitted)} of "
+                f"session {self.spec.session_id!r} already admitted {len(self.people.admitted)} of "
                 f"{self.spec.room_capacity} participants"
             )
 
     def check_extend(self, by: timedelta) -> None:
         if self.ending:
-            raise SessionEnded(f"session {self.spec.session_id!r} has ended ({self.end_reason}); it cannot be extended")
+            raise self._ended_refusal("it cannot be extended")
         if self.deadline + by > self.hard_deadline:
             room_left = max(self.hard_deadline - self.deadline, timedelta(0))
             raise ExtendBeyondCap(
@@ -321,133 +493,214 @@ class SessionMachine:
                 f"{int(room_left.total_seconds())} s more can be added"
             )
 
-    def avatar_session_length(self, now: datetime) -> timedelta:
-        """`max_session_duration` for a new avatar session: until the session's hard cap, within the plan."""
-        assert self.spec.avatar is not None
-        return min(self.hard_deadline - now + ROTATION_MARGIN, self.spec.avatar.max_session_duration)
+    def _ended_refusal(self, what_now: str) -> SessionEnded:
+        assert self.ending is not None
+        kind = SessionCancelled if self.ending.reason is EndReason.CANCELLED else SessionEnded
+        return kind(f"session {self.spec.session_id!r} has ended ({self.ending.reason}); {what_now}")
 
-    # -- deciding ------------------------------------------------------------------------------------------
+    # -- deciding: the entry points ------------------------------------------------------------------------
 
     def begin(self) -> list[Command]:
-        self._room_may_exist = True
-        self.room_creating = True
-        return [CreateRoom()]
+        """The first commands of a session: create its room."""
+        if self.room.phase is not RoomPhase.NONE:
+            raise UnexpectedEvent("begin() called twice")
+        self.room = Room(RoomPhase.CREATING)
+        spec = self.spec
+        return [
+            CreateRoom(
+                CreateRoomInput(
+                    room=spec.room_name,
+                    workflow_id=spec.workflow_id,
+                    session_kind=spec.kind,
+                    max_participants=spec.room_capacity + ENGINE_PARTICIPANTS,
+                    empty_timeout_s=int((spec.no_show_timeout + timedelta(minutes=1)).total_seconds()),
+                    departure_timeout_s=int((spec.reconnect_grace + DEPARTURE_MARGIN).total_seconds()),
+                )
+            )
+        ]
+
+    def admit(self, identity: str) -> MintTokenInput:
+        """Admit `identity` (raises a typed refusal) and say which token to mint for them."""
+        self.check_join(identity)
+        participant = self.spec.participant(identity)
+        assert participant is not None
+        self.people.admitted.add(identity)
+        return MintTokenInput(
+            room=self.spec.room_name,
+            identity=participant.identity,
+            name=participant.name,
+            role=participant.role,
+            ttl=PARTICIPANT_TOKEN_TTL,
+        )
 
     def handle(self, event: Event, now: datetime) -> list[Command]:
+        """Apply one event; return the commands it calls for (a status upsert first when the status moved)."""
+        before = self.status
+        commands = self._dispatch(event, now)
+        commands += self._maybe_close(now)
+        if self.status is not before:
+            commands.insert(0, PublishStatus(self.status))
+        return commands
+
+    def _dispatch(self, event: Event, now: datetime) -> list[Command]:
         match event:
             case RoomCreated():
-                self.room_creating = False
-                if self.room is Held.RELEASED:
-                    # Our delete ran before this create landed: the room exists again, so release it again.
-                    self.room = Held.HELD
-                    return self._release_all(now)
-                if self.room is not Held.NONE:
-                    return self._maybe_close(now)  # a duplicate report, or its delete is on the way
-                self.room = Held.HELD
-                if self.ending:
-                    return self._release_all(now)
-                self.status = SessionStatus.WAITING
-                if self.spec.avatar and self.spec.avatar.start is AvatarStart.IMMEDIATELY:
-                    return self._request_avatar()
+                return self._on_room_created(now)
+            case RoomCreateFailed(detail):
+                return self._on_room_create_failed(detail, now)
+            case RoomDeleted():
+                self._expect_room(RoomPhase.DELETING, event)
+                self.room = Room(RoomPhase.GONE)
                 return []
-            case JoinGranted(identity):
-                self.admitted.add(identity)
-                return []
-            case ParticipantJoined(identity):
-                return self._on_joined(identity, now)
-            case ParticipantLeft(identity):
-                return self._on_left(identity, now)
-            case AvatarRecorded(avatar_id):
-                self.avatars[avatar_id] = Held.HELD
-                if self.avatar_starting:
-                    self.avatar_incoming = avatar_id
-                    self.avatar_identities[avatar_id] = avatar_identity_for(self.spec.session_id, self.avatar_starts)
-                # Recorded after the end was decided: release it along with the rest.
-                if self.ending:
-                    self.avatars[avatar_id] = Held.RELEASING
-                    return [ReleaseAvatar(avatar_id)]
-                return []
+            case ParticipantJoined(identity, event_id):
+                return [] if self._seen_before(event_id) else self._on_joined(identity, now)
+            case ParticipantLeft(identity, event_id):
+                return [] if self._seen_before(event_id) else self._on_left(identity, now)
+            case RoomClosed(event_id):
+                if self._seen_before(event_id) or self.ending:
+                    return []  # our own delete_room, echoed back by the webhook, or a duplicate
+                return self._end(EndReason.ROOM_CLOSED, "LiveKit closed the room", now)
+            case AvatarCreated(avatar_id, token):
+                return self._on_avatar_created(avatar_id, token, now)
+            case AvatarCreateFailed(detail):
+                if self.avatar.creating is None:
+                    raise UnexpectedEvent(f"{event!r}: no avatar session was being created")
+                self.avatar.creating = None
+                return self._on_incoming_lost(f"could not create the avatar session: {detail}", now)
             case AvatarStarted(avatar_id):
                 return self._on_avatar_started(avatar_id, now)
-            case AvatarLost(avatar_id, detail):
-                return self._on_avatar_lost(avatar_id, detail, now)
-            case EndRequested(reason, detail):
-                return self._end(reason, detail, now)
+            case AvatarStartFailed(avatar_id, detail):
+                return self._on_avatar_start_failed(avatar_id, detail, now)
+            case AvatarEnded(avatar_id, detail):
+                return self._on_avatar_ended(avatar_id, detail, now)
+            case KeepAliveStopped(avatar_id):
+                avatar = self._avatar(avatar_id, event)
+                if not avatar.keepalive:
+                    raise UnexpectedEvent(f"{event!r}: no keep-alive was running")
+                self.avatars[avatar_id] = replace(avatar, keepalive=False)
+                return []
+            case AvatarStopped(avatar_id):
+                avatar = self._avatar(avatar_id, event)
+                if avatar.phase is not AvatarPhase.STOPPING:
+                    raise UnexpectedEvent(f"{event!r} while the avatar session is {avatar.phase}")
+                self.avatars[avatar_id] = replace(
+                    avatar, phase=AvatarPhase.STOPPED, billed_until=now if avatar.billed_from else None
+                )
+                return []
+            case EndRequested(detail):
+                return self._end(EndReason.REQUESTED, detail, now)
+            case CancelRequested(detail):
+                return self._end(EndReason.CANCELLED, detail, now)
+            case Failed(detail):
+                return self._end(EndReason.FAILED, detail, now)
             case Extended(by):
                 self.check_extend(by)
                 self.deadline += by
                 return []
             case TimerFired():
                 return self._on_timer(now)
-            case RoomCreateFailed():
-                self.room_creating = False
-                return self._maybe_close(now)
-            case RoomClosed():
-                if self.ending:
-                    return []  # our own delete_room, echoed back by the webhook
-                return self._end(EndReason.ROOM_CLOSED, "LiveKit closed the room", now)
-            case RoomReleased():
-                self.room = Held.RELEASED
-                self._room_may_exist = False
-                return self._maybe_close(now)
-            case AvatarReleased(avatar_id):
-                if avatar_id in self.avatars:
-                    self.avatars[avatar_id] = Held.RELEASED
-                since = self.avatar_billed_since.pop(avatar_id, None)
-                if since is not None:
-                    self.avatar_seconds += (now - since).total_seconds()
-                return self._maybe_close(now)
-        raise TypeError(f"unknown event {event!r}")
+        raise UnexpectedEvent(f"unknown event {event!r}")
+
+    def _seen_before(self, event_id: str | None) -> bool:
+        """Room events come from webhooks (and later the monitor): the same one may arrive twice."""
+        if event_id is None:
+            return False
+        if event_id in self._seen:
+            return True
+        self._seen.append(event_id)
+        return False
+
+    # -- the room ------------------------------------------------------------------------------------------
+
+    def _expect_room(self, phase: RoomPhase, event: Event) -> Room:
+        if self.room.phase is not phase:
+            raise UnexpectedEvent(f"{event!r} while the room is {self.room.phase}")
+        return self.room
+
+    def _on_room_created(self, now: datetime) -> list[Command]:
+        room = self._expect_room(RoomPhase.CREATING, RoomCreated())
+        self.room = Room(RoomPhase.LIVE)
+        if room.delete_wanted or self.ending:
+            return self._delete_room()
+        self.status = SessionStatus.WAITING
+        if self.spec.avatar and self.spec.avatar.start is AvatarStart.IMMEDIATELY:
+            return self._request_avatar(now)
+        return []
+
+    def _on_room_create_failed(self, detail: str, now: datetime) -> list[Command]:
+        room = self._expect_room(RoomPhase.CREATING, RoomCreateFailed(detail))
+        self.room = Room(RoomPhase.MAYBE)  # a timed-out attempt may have created it: delete to be sure
+        if room.delete_wanted:
+            return self._delete_room()
+        return self._end(EndReason.FAILED, detail, now)
+
+    def _delete_room(self) -> list[Command]:
+        """Delete the room, once: only after its create has landed, never twice."""
+        match self.room.phase:
+            case RoomPhase.LIVE | RoomPhase.MAYBE:
+                self.room = Room(RoomPhase.DELETING)
+                return [DeleteRoom(self.spec.room_name)]
+            case RoomPhase.CREATING:
+                self.room = replace(self.room, delete_wanted=True)
+            case RoomPhase.NONE:
+                self.room = Room(RoomPhase.GONE)
+        return []
 
     # -- participants --------------------------------------------------------------------------------------
 
+    def _is_avatar(self, identity: str) -> bool:
+        return identity.startswith(avatar_identity_prefix(self.spec.session_id))
+
     def _on_joined(self, identity: str, now: datetime) -> list[Command]:
         if self._is_avatar(identity):
-            if identity == self.avatar_identity:
-                self.avatar_present = True
+            if identity == self.avatar_identity and not self.ending:
+                self.avatar.present = True
             return []
         if self.spec.participant(identity) is None:
             return []  # not one of ours (the monitor, a stale client): presence only counts the roster
-        self.present.add(identity)
-        self.admitted.add(identity)
-        if identity not in self.joined:
-            self.joined.append(identity)
+        people = self.people
+        people.present.add(identity)
+        people.admitted.add(identity)
+        if identity not in people.joined:
+            people.joined.append(identity)
         if self.ending:
             return []
-        if self.reconnect_by.pop(identity, None) is not None:
+        if people.reconnect_by.pop(identity, None) is not None:
             self.recoveries.append(f"{identity} reconnected")
         if self.status is SessionStatus.WAITING:
             self.live_since = now
         self._refresh_status()
         if self.spec.avatar and self.spec.avatar.start is AvatarStart.ON_FIRST_JOIN:
-            return self._request_avatar()
+            return self._request_avatar(now)
         return []
 
     def _on_left(self, identity: str, now: datetime) -> list[Command]:
         if self._is_avatar(identity):
             # Only the serving avatar leaving is a loss; an earlier one leaving is its own release.
-            if identity == self.avatar_identity and self.avatar_current is not None and not self.ending:
-                self.avatar_present = False
-                return self._on_avatar_lost(self.avatar_current, "the avatar left the room", now)
+            current = self.avatar.current
+            if current is not None and identity == self.avatars[current].identity and not self.ending:
+                self.avatar.present = False
+                return self._on_current_lost(current, "the avatar left the room", now)
             return []
-        if identity not in self.present:
+        if identity not in self.people.present:
             return []
-        self.present.discard(identity)
+        self.people.present.discard(identity)
         if not self.ending:
-            self.reconnect_by[identity] = now + self.spec.reconnect_grace
+            self.people.reconnect_by[identity] = now + self.spec.reconnect_grace
             self._refresh_status()
         return []
 
     def _participants_lost(self, now: datetime) -> list[Command]:
-        missed = sorted(i for i, t in self.reconnect_by.items() if now >= t)
+        people = self.people
+        missed = sorted(i for i, t in people.reconnect_by.items() if now >= t)
         for identity in missed:
-            del self.reconnect_by[identity]
+            del people.reconnect_by[identity]
         if not missed:
             return []
         who = ", ".join(missed)
         if self.spec.when_participant_lost is WhenLost.END:
             return self._end(EndReason.PARTICIPANT_LOST, f"{who} did not return within the reconnect grace", now)
-        if not self.present and not self.reconnect_by:
+        if not people.present and not people.reconnect_by:
             return self._end(EndReason.PARTICIPANT_LOST, f"{who} did not return and nobody is left", now)
         self.recoveries.append(f"continued without {who}")
         self._refresh_status()
@@ -455,90 +708,162 @@ class SessionMachine:
 
     # -- the avatar ----------------------------------------------------------------------------------------
 
-    def _request_avatar(self) -> list[Command]:
-        if self.avatar_requested or self.ending:
-            return []
-        self.avatar_requested = True
-        return self._start_avatar()
+    def _avatar(self, avatar_id: str, event: Event) -> AvatarSession:
+        avatar = self.avatars.get(avatar_id)
+        if avatar is None:
+            raise UnexpectedEvent(f"{event!r}: no such avatar session was recorded")
+        return avatar
 
-    def _start_avatar(self) -> list[Command]:
-        self.avatar_starting = True
-        self.avatar_starts += 1
-        return [StartAvatar(avatar_identity_for(self.spec.session_id, self.avatar_starts))]
+    def avatar_session_length(self, now: datetime) -> timedelta:
+        """`max_session_duration` for a new avatar session: until the session's hard cap, within the plan."""
+        assert self.spec.avatar is not None
+        return min(self.hard_deadline - now + ROTATION_MARGIN, self.spec.avatar.max_session_duration)
+
+    def _request_avatar(self, now: datetime) -> list[Command]:
+        if self.avatar.requested or self.ending:
+            return []
+        self.avatar.requested = True
+        return self._create_avatar(now)
+
+    def _create_avatar(self, now: datetime) -> list[Command]:
+        assert self.spec.avatar is not None and not self.avatar.start_in_flight
+        self.avatar.starts += 1
+        identity = avatar_identity_for(self.spec.session_id, self.avatar.starts)
+        self.avatar.creating = identity
+        return [
+            CreateAvatarSession(
+                CreateAvatarInput(
+                    session_id=self.spec.session_id,
+                    room=self.spec.room_name,
+                    identity=identity,
+                    avatar=self.spec.avatar,
+                    max_session_duration_s=int(self.avatar_session_length(now).total_seconds()),
+                )
+            )
+        ]
+
+    def _on_avatar_created(self, avatar_id: str, token: str, now: datetime) -> list[Command]:
+        identity = self.avatar.creating
+        if identity is None or avatar_id in self.avatars:
+            raise UnexpectedEvent(f"avatar session {avatar_id} created, but none was being created")
+        self.avatar.creating = None
+        self.avatars[avatar_id] = AvatarSession(avatar_id, identity)
+        # Recorded before anything can bill, so support and the reaper can always find its owner.
+        commands: list[Command] = [PublishAvatarSessions(tuple(self.avatars))]
+        if self.ending:
+            # Never started; stopping it anyway is harmless and makes sure it cannot be started later.
+            return commands + self._stop_avatar(avatar_id)
+        self.avatar.incoming = avatar_id
+        return commands + [StartAvatarSession(avatar_id, token)]
 
     def _on_avatar_started(self, avatar_id: str, now: datetime) -> list[Command]:
-        self.avatar_starting = False
-        self.avatar_incoming = None
-        self.avatar_billed_since.setdefault(avatar_id, now)
-        if self.ending:
-            return self._maybe_close(now)
-        previous, self.avatar_current = self.avatar_rotating_from, avatar_id
-        self.avatar_rotating_from = None
-        self.avatar_problem = None
+        avatar = self._avatar(avatar_id, AvatarStarted(avatar_id))
+        if avatar.phase is not AvatarPhase.STARTING:
+            raise UnexpectedEvent(f"avatar session {avatar_id} started while {avatar.phase}")
+        self.avatars[avatar_id] = avatar = replace(avatar, phase=AvatarPhase.LIVE, billed_from=now)
+        if avatar.stop_wanted:
+            return self._stop_avatar(avatar_id)
+        assert self.avatar.incoming == avatar_id, "only the incoming avatar session is started and wanted"
+        self.avatar.incoming = None
+        previous, self.avatar.current = self.avatar.rotating_from, avatar_id
+        self.avatar.rotating_from = None
+        self.avatar.problem = None
         assert self.spec.avatar is not None
-        self.avatar_rotate_at = now + self.spec.avatar.max_session_duration - ROTATION_MARGIN
+        self.avatar.rotate_at = now + self.spec.avatar.max_session_duration - ROTATION_MARGIN
+        self.avatars[avatar_id] = replace(avatar, keepalive=True)
+        commands: list[Command] = [KeepAvatarAlive(avatar_id)]
         self._refresh_status()
         if previous is not None:
-            # Rotation: the new avatar took over (same identity, so LiveKit replaced the old participant).
+            # Rotation: the new avatar took over; the old one goes.
             self.recoveries.append(f"avatar rotated from {previous} to {avatar_id} before its duration cap")
-            return self._release_avatar(previous)
-        return []
+            commands += self._stop_avatar(previous)
+        return commands
 
-    def _on_avatar_lost(self, avatar_id: str | None, detail: str, now: datetime) -> list[Command]:
-        incoming = self.avatar_starting and (avatar_id is None or avatar_id == self.avatar_incoming)
-        was_current = avatar_id is not None and avatar_id == self.avatar_current
-        cmds = self._release_avatar(avatar_id) if avatar_id is not None else []
-        if incoming:
-            self.avatar_starting = False
-            self.avatar_incoming = None
-        if self.ending:
-            return cmds + self._maybe_close(now)
-        if incoming:
-            if self.avatar_rotating_from is not None:
-                # A rotation's new avatar failed: the current one serves on; when it ends, it is replaced.
-                self.avatar_rotating_from = None
-                return cmds
-            return cmds + self._recover(detail, now)
-        if avatar_id is not None and avatar_id == self.avatar_rotating_from:
+    def _on_avatar_start_failed(self, avatar_id: str, detail: str, now: datetime) -> list[Command]:
+        avatar = self._avatar(avatar_id, AvatarStartFailed(avatar_id, detail))
+        if avatar.phase is not AvatarPhase.STARTING:
+            raise UnexpectedEvent(f"avatar session {avatar_id} failed to start while {avatar.phase}")
+        # The start may have reached LiveAvatar before failing: stop it to be sure it does not bill.
+        self.avatars[avatar_id] = replace(avatar, phase=AvatarPhase.STOPPING)
+        commands: list[Command] = [StopAvatarSession(avatar_id)]
+        if self.avatar.incoming != avatar_id:
+            return commands  # no longer wanted anyway (the session is ending)
+        self.avatar.incoming = None
+        return commands + self._on_incoming_lost(f"the avatar did not start: {detail}", now)
+
+    def _on_avatar_ended(self, avatar_id: str, detail: str, now: datetime) -> list[Command]:
+        avatar = self._avatar(avatar_id, AvatarEnded(avatar_id, detail))
+        if not avatar.keepalive:
+            raise UnexpectedEvent(f"avatar session {avatar_id} reported ended with no keep-alive running")
+        self.avatars[avatar_id] = replace(avatar, keepalive=False)
+        if self.ending or avatar.phase is not AvatarPhase.LIVE:
+            return self._stop_avatar(avatar_id)
+        detail = f"the avatar session ended: {detail}"
+        if avatar_id == self.avatar.current:
+            return self._on_current_lost(avatar_id, detail, now)
+        if avatar_id == self.avatar.rotating_from:
             # The outgoing avatar ended during a rotation: the incoming one takes over once it has started.
-            self.avatar_rotating_from = None
-            return cmds
-        if was_current:
-            return cmds + self._recover(detail, now)
-        return cmds  # an older session, already replaced: releasing it is all
+            self.avatar.rotating_from = None
+        return self._stop_avatar(avatar_id)
+
+    def _on_current_lost(self, avatar_id: str, detail: str, now: datetime) -> list[Command]:
+        commands = self._stop_avatar(avatar_id)
+        if self.avatar.rotating_from == avatar_id:
+            self.avatar.rotating_from = None  # the incoming one takes over once it has started
+            self.avatar.current = None
+            return commands
+        return commands + self._recover(detail, now)
+
+    def _on_incoming_lost(self, detail: str, now: datetime) -> list[Command]:
+        """The avatar session being started (first, replacement or rotation) did not make it."""
+        if self.ending:
+            return []
+        if self.avatar.rotating_from is not None:
+            # A rotation's new avatar failed: the current one serves on; when it ends, it is replaced.
+            self.avatar.rotating_from = None
+            return []
+        return self._recover(detail, now)
 
     def _recover(self, detail: str, now: datetime) -> list[Command]:
         """The serving avatar is gone: replace it after a backoff, or follow the fallback policy."""
-        assert self.spec.avatar is not None
-        self.avatar_current = None
-        self.avatar_present = False
-        self.avatar_rotate_at = None
-        self.avatar_problem = detail
-        if self.avatar_replacements < self.spec.avatar.max_replacements:
-            self.avatar_retry_at = now + self.spec.avatar.replace_backoff * (2**self.avatar_replacements)
-        elif self.spec.avatar.when_lost is WhenLost.END:
+        plan, spec = self.avatar, self.spec.avatar
+        assert spec is not None
+        plan.current = None
+        plan.present = False
+        plan.rotate_at = None
+        plan.problem = detail
+        if plan.replacements < spec.max_replacements:
+            plan.retry_at = now + spec.replace_backoff * (2**plan.replacements)
+        elif spec.when_lost is WhenLost.END:
             return self._end(EndReason.AVATAR_LOST, f"the avatar could not be kept: {detail}", now)
         else:
-            self.avatar_fallback = True
+            plan.fallback = True
             self.recoveries.append(f"continuing without the avatar: {detail}")
         self._refresh_status()
         return []
 
-    def _release_avatar(self, avatar_id: str) -> list[Command]:
-        if self.avatar_current == avatar_id:
-            self.avatar_current = None
-        if self.avatars.get(avatar_id) is not Held.HELD:
-            return []  # never recorded, or already being released: release exactly once
-        self.avatars[avatar_id] = Held.RELEASING
-        return [StopAvatarWork(avatar_id), ReleaseAvatar(avatar_id)]
+    def _stop_avatar(self, avatar_id: str) -> list[Command]:
+        """Stop one avatar session, exactly once, and never before its start has settled."""
+        avatar = self.avatars[avatar_id]
+        if self.avatar.current == avatar_id:
+            self.avatar.current = None
+            self.avatar.present = False
+        if avatar.phase is AvatarPhase.STARTING:
+            self.avatars[avatar_id] = replace(avatar, stop_wanted=True)
+            return []
+        if avatar.phase is not AvatarPhase.LIVE:
+            return []  # already stopping or stopped
+        self.avatars[avatar_id] = replace(avatar, phase=AvatarPhase.STOPPING)
+        commands: list[Command] = [CancelKeepAlive(avatar_id)] if avatar.keepalive else []
+        return commands + [StopAvatarSession(avatar_id)]
 
-    def _start_replacement(self, rotation: bool) -> list[Command]:
+    def _start_replacement(self, now: datetime, *, rotation: bool) -> list[Command]:
         if rotation:
-            self.avatar_rotating_from = self.avatar_current
+            self.avatar.rotating_from = self.avatar.current
         else:
-            self.avatar_replacements += 1
-            self.recoveries.append(f"avatar replacement {self.avatar_replacements} after: {self.avatar_problem}")
-        return self._start_avatar()
+            self.avatar.replacements += 1
+            self.recoveries.append(f"avatar replacement {self.avatar.replacements} after: {self.avatar.problem}")
+        return self._create_avatar(now)
 
     # -- timers --------------------------------------------------------------------------------------------
 
@@ -547,70 +872,109 @@ class SessionMachine:
             return []
         if now >= self.deadline:
             return self._end(EndReason.MAX_DURATION, None, now)
-        if not self.joined and now >= self.no_show_deadline:
+        if not self.people.joined and now >= self.no_show_deadline:
             return self._end(EndReason.NO_SHOW, "nobody joined before the no-show timeout", now)
-        cmds = self._participants_lost(now)
+        commands = self._participants_lost(now)
         if self.ending:
-            return cmds
-        if self.avatar_retry_at is not None and now >= self.avatar_retry_at:
-            self.avatar_retry_at = None
-            cmds += self._start_replacement(rotation=False)
-        if self.avatar_rotate_at is not None and now >= self.avatar_rotate_at:
-            self.avatar_rotate_at = None
+            return commands
+        plan = self.avatar
+        if plan.retry_at is not None and now >= plan.retry_at:
+            plan.retry_at = None
+            commands += self._start_replacement(now, rotation=False)
+        if plan.rotate_at is not None and now >= plan.rotate_at:
+            plan.rotate_at = None
             # Only if the session will outlive the current avatar session.
-            if self.deadline > now + ROTATION_MARGIN and not self.avatar_starting:
-                cmds += self._start_replacement(rotation=True)
-        return cmds
+            if self.deadline > now + ROTATION_MARGIN and not plan.start_in_flight:
+                commands += self._start_replacement(now, rotation=True)
+        return commands
 
     # -- status and the end --------------------------------------------------------------------------------
 
     def _refresh_status(self) -> None:
         """LIVE once someone joined; DEGRADED while the avatar is lost or someone is reconnecting."""
-        if self.ending or not self.joined:
+        if self.ending or not self.people.joined:
             return
-        avatar_down = self.spec.avatar is not None and self.avatar_requested and (
-            self.avatar_fallback or self.avatar_retry_at is not None or (self.avatar_current is None and self.avatar_problem is not None)
+        plan = self.avatar
+        avatar_down = (
+            self.spec.avatar is not None
+            and plan.requested
+            and (plan.fallback or plan.retry_at is not None or (plan.current is None and plan.problem is not None))
         )
-        self.status = SessionStatus.DEGRADED if avatar_down or self.reconnect_by else SessionStatus.LIVE
+        self.status = SessionStatus.DEGRADED if avatar_down or self.people.reconnect_by else SessionStatus.LIVE
 
     def _end(self, reason: EndReason, detail: str | None, now: datetime) -> list[Command]:
         if self.ending:
             return []
-        self.end_reason = reason
-        self.end_detail = detail
-        self.end_decided_at = now
+        self.ending = Ending(reason, detail, now)
         self.status = SessionStatus.ENDING
-        self.avatar_retry_at = self.avatar_rotate_at = None
-        self.reconnect_by.clear()
-        return self._release_all(now)
+        self.avatar.retry_at = self.avatar.rotate_at = None
+        self.avatar.incoming = None  # an avatar still starting is stopped once its start settles
+        self.people.reconnect_by.clear()
+        return self._release_all()
 
-    def _release_all(self, now: datetime) -> list[Command]:
-        cmds: list[Command] = [StopAvatarWork()] if self.avatar_requested else []
-        for c in self.unreleased():
-            if isinstance(c, ReleaseAvatar):
-                self.avatars[c.avatar_session_id] = Held.RELEASING
-            else:
-                self.room = Held.RELEASING
-            cmds.append(c)
-        return cmds + self._maybe_close(now)
+    def _release_all(self) -> list[Command]:
+        stops: list[Command] = []
+        for avatar_id in list(self.avatars):
+            stops += self._stop_avatar(avatar_id)
+        # Every keep-alive is told to stop before any stop goes out.
+        cancels = [c for c in stops if isinstance(c, CancelKeepAlive)]
+        return cancels + [c for c in stops if not isinstance(c, CancelKeepAlive)] + self._delete_room()
 
     def _maybe_close(self, now: datetime) -> list[Command]:
-        if not self.ending or self.closed:
+        if not self.ending or self.released:
             return []
         # Nothing may still be on its way into existence: a create in flight would land after we are gone.
-        if self.room_creating or self.avatar_starting:
+        if self.avatar.creating is not None:
             return []
-        if self.room in (Held.HELD, Held.RELEASING) or self._room_may_exist:
+        if self.room.phase not in (RoomPhase.NONE, RoomPhase.GONE):
             return []
-        if any(h in (Held.HELD, Held.RELEASING) for h in self.avatars.values()):
+        if any(a.phase is not AvatarPhase.STOPPED for a in self.avatars.values()):
             return []
-        self.status = SessionStatus.FAILED if self.end_reason is EndReason.FAILED else SessionStatus.ENDED
+        self.status = SessionStatus.FAILED if self.ending.reason is EndReason.FAILED else SessionStatus.ENDED
+        self.avatar.present = False
         self.ended_at = now
         return []
 
-    @property
-    def live_seconds(self) -> float:
-        if self.live_since is None:
-            return 0.0
-        end = self.end_decided_at or self.live_since
-        return max((end - self.live_since).total_seconds(), 0.0)
+    # -- what the outside reads ----------------------------------------------------------------------------
+
+    def state(self) -> SessionState:
+        plan, people = self.avatar, self.people
+        return SessionState(
+            session_id=self.spec.session_id,
+            kind=self.spec.kind,
+            status=self.status,
+            room=self.spec.room_name,
+            started_at=self.started_at,
+            ends_at=self.deadline,
+            present=sorted(people.present),
+            admitted=sorted(people.admitted),
+            avatar_session_id=self.avatar_session_id,
+            avatar_identity=self.avatar_identity,
+            avatar_present=plan.present,
+            avatar_fallback=plan.fallback,
+            reconnecting=sorted(people.reconnect_by),
+            recoveries=list(self.recoveries),
+            end_reason=self.end_reason,
+            end_detail=(self.ending.detail if self.ending else None) or plan.problem,
+        )
+
+    def outcome(self) -> SessionOutcome:
+        assert self.ending is not None and self.ended_at is not None, "the outcome exists once the session has closed"
+        return SessionOutcome(
+            session_id=self.spec.session_id,
+            status=self.status,
+            end_reason=self.ending.reason,
+            end_detail=self.ending.detail,
+            started_at=self.started_at,
+            ended_at=self.ended_at,
+            live_seconds=self.live_seconds,
+            avatar_sessions=list(self.avatars),
+            avatar_seconds=self.avatar_seconds,
+            avatar_fallback=self.avatar.fallback,
+            recoveries=list(self.recoveries),
+            participants_joined=list(self.people.joined),
+        )
+
+
+def _seconds(d: timedelta) -> str:
+    return f"{int(d.total_seconds())} s"

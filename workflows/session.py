@@ -1,75 +1,78 @@
 """SessionWorkflow: one durable workflow per live session.
 
-The decisions live in `workflows.machine.SessionMachine`; this class is the shell around it. It turns the
-machine's commands into activities and timers, feeds results, updates, signals and timers back in as events,
-and keeps what support sees (the `SessionStatus` search attribute, current details, the `state` query) up to
-date. Platform concerns, the shielded cleanup above all, are kept apart in `run`.
+An interpreter around `workflows.machine.SessionMachine`, which makes every decision. This class runs the
+machine's commands (activities, search-attribute upserts, keep-alive cancels), turns what happened into
+events and feeds them back, and keeps what support sees (current details, the `state` query) in step with
+the machine. It decides nothing of its own.
+
+Platform concerns are kept apart in `run`: the cleanup that a cancel cannot cut short, waiting for every
+update handler before returning, and the rule that a bug fails the workflow task (visible in the UI, retried
+after a fixed deploy) instead of hanging the session or failing it.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections import deque
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
+from typing import NoReturn, TypeVar
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ApplicationError, FailureError, is_cancelled_exception
+from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_exception
 from temporalio.workflow import ActivityCancellationType
 
 with workflow.unsafe.imports_passed_through():
     from workflows.machine import (
-        AvatarLost,
-        Held,
-        AvatarRecorded,
-        AvatarReleased,
+        AvatarCreated,
+        AvatarCreateFailed,
+        AvatarEnded,
         AvatarStarted,
+        AvatarStartFailed,
+        AvatarStopped,
+        CancelKeepAlive,
+        CancelRequested,
         Command,
+        CreateAvatarSession,
         CreateRoom,
+        Deadline,
+        DeleteRoom,
         EndRequested,
         Event,
         Extended,
-        JoinGranted,
+        Failed,
+        KeepAliveStopped,
+        KeepAvatarAlive,
         ParticipantJoined,
         ParticipantLeft,
+        PublishAvatarSessions,
+        PublishStatus,
         Refusal,
-        ReleaseAvatar,
-        ReleaseRoom,
         RoomClosed,
         RoomCreated,
         RoomCreateFailed,
-        RoomReleased,
+        RoomDeleted,
         SessionMachine,
-        StartAvatar,
-        StopAvatarWork,
+        StartAvatarSession,
+        StopAvatarSession,
         TimerFired,
     )
-    from workflows.search_attributes import AVATAR_SESSION_ID, SESSION_STATUS
     from workflows.models import (
-        AvatarCreated,
         AvatarRef,
-        CreateAvatarInput,
-        CreateRoomInput,
         EndReason,
         EndRequest,
         ExtendRequest,
         JoinGrant,
         JoinRequest,
-        MintTokenInput,
         RoomEvent,
         RoomEventKind,
         SessionOutcome,
         SessionSpec,
         SessionState,
-        SessionStatus,
         StartAvatarInput,
     )
-
-PARTICIPANT_TOKEN_TTL = timedelta(minutes=15)  # LiveKit refreshes the token of a connected client
-AVATAR_TOKEN_MARGIN = timedelta(minutes=10)
-# LiveKit keeps the room this long after the last person leaves, on top of their reconnect grace.
-DEPARTURE_MARGIN = timedelta(minutes=1)
-SEEN_EVENT_IDS = 512  # room events are deduplicated over this many recent ids
+    from workflows.models import AvatarCreated as AvatarCreatedResult
+    from workflows.search_attributes import AVATAR_SESSION_ID, SESSION_STATUS
 
 # Activity options. Cleanup retries forever: a session is not over until everything it holds is released.
 QUICK = RetryPolicy(initial_interval=timedelta(milliseconds=200), maximum_interval=timedelta(seconds=5), maximum_attempts=10)
@@ -78,9 +81,16 @@ AVATAR_START = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interv
 KEEPALIVE = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=15), maximum_attempts=0)
 KEEPALIVE_HEARTBEAT = timedelta(seconds=10)
 
+T = TypeVar("T")
 
-def _refusal_error(r: Refusal) -> ApplicationError:
-    return ApplicationError(r.message, type=r.kind, non_retryable=True)
+# Patches: changes to what running sessions do. Each stays until no session that started before it runs.
+PATCH_LATE_CANCEL_KEEPS_OUTCOME = "late-cancel-keeps-outcome"  # a cancel after the end no longer discards the outcome
+PATCH_OUTCOME_MEMO = "outcome-memo"  # the outcome is kept in the memo, readable after any close
+
+
+class Bug(RuntimeError):
+    """Workflow code raised something unexpected. Raised from the main coroutine, it fails the workflow task:
+    the session pauses (visible in the UI as a task failure) and resumes once a fixed worker is deployed."""
 
 
 @workflow.defn
@@ -89,10 +99,8 @@ class SessionWorkflow:
     def __init__(self, spec: SessionSpec) -> None:
         self._spec = spec
         self._machine = SessionMachine(spec, started_at=workflow.now())
-        self._seen_events: deque[str] = deque(maxlen=SEEN_EVENT_IDS)
         self._keepalives: dict[str, asyncio.Task[None]] = {}  # avatar session id -> its keep-alive
-        self._starting: set[str] = set()  # avatar sessions whose start step is in flight
-        self._stop_avatar_work = False
+        self._bug: BaseException | None = None
 
     # ---- the run: platform concerns --------------------------------------------------------------------------
 
@@ -100,364 +108,257 @@ class SessionWorkflow:
     async def run(self, spec: SessionSpec) -> SessionOutcome:
         try:
             await self._live()
-            await self._shielded_cleanup()
+            await self._until(lambda: self._machine.finished)
         except BaseException as e:
             # A cancel, or a real failure: release everything, then let it through so the workflow closes
             # CANCELED or FAILED. Anything else is a bug in this code: it fails only the workflow task, which
             # Temporal retries (after a fix), so no cleanup may run for it here.
-            if not isinstance(e, (asyncio.CancelledError, FailureError)):
+            if not (isinstance(e, asyncio.CancelledError) or workflow.is_failure_exception(e)):
                 raise
             cancelled = is_cancelled_exception(e)
-            self._apply(
-                EndRequested(
-                    EndReason.CANCELLED if cancelled else EndReason.FAILED,
-                    workflow.cancellation_reason() if cancelled else _describe(e),
-                )
-            )
-            await self._shielded_cleanup()
-            raise
-        await workflow.wait_condition(workflow.all_handlers_finished)
+            self._apply(CancelRequested(workflow.cancellation_reason()) if cancelled else Failed(_describe(e)))
+            await self._cleanup_despite_cancel()
+            # A cancel that came after the session had already ended (cleanup running) keeps its outcome.
+            if not (cancelled and self._machine.end_reason is not EndReason.CANCELLED and workflow.patched(PATCH_LATE_CANCEL_KEEPS_OUTCOME)):
+                await self._close()
+                raise
+        await self._close()
         if self._machine.end_reason is EndReason.FAILED:
+            ending = self._machine.ending
+            assert ending is not None
             raise ApplicationError(
-                f"session {spec.session_id} failed: {self._machine.end_detail}; its room and avatar were released",
-                self._outcome().model_dump(mode="json"),
+                f"session {spec.session_id} failed: {ending.detail}; its room and avatar were released",
+                self._machine.outcome().model_dump(mode="json"),
                 type="SessionFailed",
                 non_retryable=True,
             )
-        return self._outcome()
+        return self._machine.outcome()
 
     async def _live(self) -> None:
+        """Run until the machine decides the session ends, waking it at each deadline it names."""
         self._execute(self._machine.begin())
         while not self._machine.ending:
             deadline = self._machine.next_deadline()
             assert deadline is not None
-            timeout = max((deadline - workflow.now()).total_seconds(), 0.0)
+            timeout = max((deadline.at - workflow.now()).total_seconds(), 0.0)
             try:
-                # Wake on the end, or when an `extend` moved the deadline; otherwise when the timer runs out.
-                await workflow.wait_condition(
-                    lambda: self._machine.ending or self._machine.next_deadline() != deadline,
+                # Wake on the end, or when the next deadline moved (an extend, a join); else when it is due.
+                await self._until(
+                    lambda: self._machine.ending is not None or self._deadline_moved(deadline),
                     timeout=timedelta(seconds=timeout),
-                    timeout_summary="session timer",
+                    summary=deadline.name,
                 )
             except TimeoutError:
                 self._apply(TimerFired())
 
-    async def _shielded_cleanup(self) -> None:
+    def _deadline_moved(self, deadline: Deadline) -> bool:
+        now = self._machine.next_deadline()
+        return now is None or now.at != deadline.at
+
+    async def _until(self, done: Callable[[], bool], *, timeout: timedelta | None = None, summary: str | None = None) -> None:
+        """`workflow.wait_condition`, but a bug in any of the session's tasks surfaces here and fails the task."""
+        await workflow.wait_condition(lambda: self._bug is not None or done(), timeout=timeout, timeout_summary=summary)
+        if self._bug is not None:
+            raise Bug(f"unexpected error in the session workflow: {self._bug!r}") from self._bug
+
+    async def _cleanup_despite_cancel(self) -> None:
         """Wait until every resource is released. A cancel arriving meanwhile must not cut it short.
 
         The release activities run in their own tasks, which a workflow cancel does not touch; this wait is
         the only thing a cancel can interrupt, and we simply wait again before letting the cancel through.
         """
-        done = lambda: self._machine.closed and not self._keepalives  # noqa: E731
         try:
-            await workflow.wait_condition(done)
+            await self._until(lambda: self._machine.finished)
         except asyncio.CancelledError:
-            self._apply(EndRequested(EndReason.CANCELLED, workflow.cancellation_reason()))
-            await workflow.wait_condition(done)
+            self._apply(CancelRequested(workflow.cancellation_reason()))
+            await self._until(lambda: self._machine.finished)
             raise
 
-    # ---- turning events into decisions, and decisions into work ----------------------------------------------
+    async def _close(self) -> None:
+        """Let every update in flight get its answer, and keep the outcome where a closed session shows it."""
+        await self._until(workflow.all_handlers_finished)
+        if workflow.patched(PATCH_OUTCOME_MEMO):
+            workflow.upsert_memo({"outcome": self._machine.outcome().model_dump(mode="json")})
+
+    # ---- the interpreter: events in, commands out ------------------------------------------------------------
 
     def _apply(self, event: Event) -> None:
-        before = self._machine.status
-        commands = self._machine.handle(event, workflow.now())
-        if self._machine.status != before:
-            self._publish_status()
-        self._execute(commands)
+        self._execute(self._machine.handle(event, workflow.now()))
 
     def _execute(self, commands: list[Command]) -> None:
         for command in commands:
             match command:
-                case CreateRoom():
-                    self._spawn(self._create_room())
-                case StartAvatar(identity):
-                    self._spawn(self._run_avatar(identity))
-                case StopAvatarWork(None):
-                    self._stop_avatar_work = True
-                    for keepalive in self._keepalives.values():
-                        keepalive.cancel()
-                case StopAvatarWork(avatar_session_id):
-                    if avatar_session_id in self._keepalives:
-                        self._keepalives[avatar_session_id].cancel()
-                case ReleaseAvatar(avatar_session_id):
-                    self._spawn(self._release_avatar(avatar_session_id))
-                case ReleaseRoom():
-                    self._spawn(self._release_room())
+                case PublishStatus(status):
+                    workflow.upsert_search_attributes([SESSION_STATUS.value_set(status.value)])
+                case PublishAvatarSessions(ids):
+                    workflow.upsert_search_attributes([AVATAR_SESSION_ID.value_set(list(ids))])
+                case CreateRoom(request):
+                    self._spawn(self._run(
+                        "create_room", request, f"create room {request.room}", RoomCreated, RoomCreateFailed,
+                        start_to_close_timeout=timedelta(seconds=20), retry_policy=QUICK,
+                    ))
+                case DeleteRoom(room):
+                    self._spawn(self._run(
+                        "delete_room", room, f"delete room {room}", RoomDeleted, None,
+                        start_to_close_timeout=timedelta(seconds=20), retry_policy=FOREVER,
+                    ))
+                case CreateAvatarSession(request):
+                    self._spawn(self._create_avatar(request))
+                case StartAvatarSession(avatar_id, token):
+                    self._spawn(self._run(
+                        "start_avatar_session", StartAvatarInput(avatar_session_id=avatar_id, session_token=token),
+                        f"start avatar {avatar_id} (billing starts)",
+                        lambda: AvatarStarted(avatar_id), lambda detail: AvatarStartFailed(avatar_id, detail),
+                        start_to_close_timeout=timedelta(seconds=60),
+                        # Billing may have begun: a lost worker must be noticed in seconds, not after a minute.
+                        heartbeat_timeout=timedelta(seconds=10), retry_policy=AVATAR_START,
+                    ))
+                case KeepAvatarAlive(avatar_id):
+                    self._keepalives[avatar_id] = self._spawn(self._keep_alive(avatar_id))
+                case CancelKeepAlive(avatar_id):
+                    self._keepalives[avatar_id].cancel()
+                case StopAvatarSession(avatar_id):
+                    self._spawn(self._run(
+                        "stop_avatar_session", AvatarRef(avatar_session_id=avatar_id), f"stop avatar {avatar_id}",
+                        lambda: AvatarStopped(avatar_id), None,
+                        start_to_close_timeout=timedelta(seconds=30), retry_policy=FOREVER,
+                    ))
 
-    def _spawn(self, coro) -> None:  # type: ignore[no-untyped-def]
-        """Run `coro` beside the main loop (a workflow cancel does not reach it; see `_shielded_cleanup`)."""
-        asyncio.get_running_loop().create_task(self._guard(coro))
+    def _spawn(self, work: Awaitable[None]) -> asyncio.Task[None]:
+        """Run `work` beside the main loop (a workflow cancel does not reach it; see `_cleanup_despite_cancel`).
 
-    async def _guard(self, coro) -> None:  # type: ignore[no-untyped-def]
-        """Work that fails for good ends the session as failed (and then everything is released)."""
+        Anything it raises that is not turned into an event is a bug: kept, and raised by the main loop."""
+
+        async def guarded() -> None:
+            try:
+                await work
+            except BaseException as e:
+                if self._bug is None:
+                    self._bug = e
+
+        return asyncio.get_running_loop().create_task(guarded())
+
+    async def _run(
+        self,
+        activity: str,
+        arg: object,
+        summary: str,
+        succeeded: Callable[[], Event],
+        failed: Callable[[str], Event] | None,
+        **options: object,
+    ) -> None:
+        """One activity for one command; its result goes back to the machine as an event. Cleanup steps
+        (`failed` None) retry until they succeed: a failure reaching here is a bug."""
         try:
-            await coro
-        except FailureError as e:
-            self._apply(EndRequested(EndReason.FAILED, _describe(e)))
-
-    # ---- the work ---------------------------------------------------------------------------------------------
-
-    async def _create_room(self) -> None:
-        spec = self._spec
-        try:
-            await self._create_room_activity(spec)
-        except FailureError:
-            self._apply(RoomCreateFailed())
-            raise
-        self._apply(RoomCreated())
-
-    async def _create_room_activity(self, spec: SessionSpec) -> None:
-        await workflow.execute_activity(
-            "create_room",
-            CreateRoomInput(
-                room=spec.room_name,
-                workflow_id=spec.workflow_id,
-                session_kind=spec.kind,
-                max_participants=spec.room_capacity + 2,  # + the avatar and the room monitor
-                empty_timeout_s=int((spec.no_show_timeout + timedelta(minutes=1)).total_seconds()),
-                departure_timeout_s=int((spec.reconnect_grace + DEPARTURE_MARGIN).total_seconds()),
-            ),
-            start_to_close_timeout=timedelta(seconds=20),
-            retry_policy=QUICK,
-            # Wait for the activity to finish even when cancelled, so a cleanup never races a late create.
-            cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
-            summary=f"create room {spec.room_name}",
-        )
-
-    async def _run_avatar(self, identity: str) -> None:
-        """One avatar session: step A (no billing) is recorded before step B (billing starts), then
-        keep-alive until the session ends or the avatar is lost."""
-        spec = self._spec
-        assert spec.avatar is not None
-        if self._stop_avatar_work:
-            self._apply(AvatarLost(None, "not started: the session is ending"))
+            await workflow.execute_activity(activity, arg, summary=summary, **options)  # type: ignore[call-overload]  # options are the activity options above
+        except ActivityError as e:
+            if failed is None:
+                raise
+            self._apply(failed(_describe(e)))
             return
+        self._apply(succeeded())
+
+    async def _create_avatar(self, request: object) -> None:
         try:
-            created: AvatarCreated = await workflow.execute_activity(
+            created: AvatarCreatedResult = await workflow.execute_activity(
                 "create_avatar_session",
-                CreateAvatarInput(
-                    session_id=spec.session_id,
-                    room=spec.room_name,
-                    identity=identity,
-                    avatar=spec.avatar,
-                    max_session_duration_s=int(self._machine.avatar_session_length(workflow.now()).total_seconds()),
-                ),
-                result_type=AvatarCreated,
+                request,
+                result_type=AvatarCreatedResult,
                 start_to_close_timeout=timedelta(seconds=30),
                 retry_policy=QUICK,
                 summary="create avatar session (token, not billed)",
             )
-        except FailureError as e:
-            self._apply(AvatarLost(None, f"could not create the avatar session: {_describe(e)}"))
+        except ActivityError as e:
+            self._apply(AvatarCreateFailed(_describe(e)))
             return
-        avatar_id = created.avatar_session_id
-        self._starting.add(avatar_id)
+        self._apply(AvatarCreated(created.avatar_session_id, created.session_token))
+
+    async def _keep_alive(self, avatar_id: str) -> None:
         try:
-            self._apply(AvatarRecorded(avatar_id))
-            workflow.upsert_search_attributes([AVATAR_SESSION_ID.value_set(list(self._machine.avatars))])
-            if self._stop_avatar_work:
-                self._apply(AvatarLost(avatar_id, "not started: the session is ending"))
-                return
             await workflow.execute_activity(
-                "start_avatar_session",
-                StartAvatarInput(avatar_session_id=avatar_id, session_token=created.session_token),
-                start_to_close_timeout=timedelta(seconds=60),
-                # Billing may have begun: a lost worker must be noticed in seconds, not after a minute.
-                heartbeat_timeout=timedelta(seconds=10),
-                retry_policy=AVATAR_START,
-                summary=f"start avatar {avatar_id} (billing starts)",
+                "keep_avatar_alive",
+                AvatarRef(avatar_session_id=avatar_id),
+                start_to_close_timeout=self._spec.max_duration_cap + timedelta(minutes=10),
+                heartbeat_timeout=KEEPALIVE_HEARTBEAT,
+                retry_policy=KEEPALIVE,
+                # The session waits for the keep-alive to acknowledge its cancel before closing, so a keep-alive
+                # never outlives its session (and never mistakes a normal end for a vanished workflow).
+                cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
+                summary=f"keep avatar {avatar_id} alive",
             )
-        except FailureError as e:
-            self._apply(AvatarLost(avatar_id, f"the avatar did not start: {_describe(e)}"))
-            return
-        finally:
-            self._starting.discard(avatar_id)
-        self._apply(AvatarStarted(avatar_id))
-        if self._stop_avatar_work or self._machine.avatars.get(avatar_id) is not Held.HELD:
-            return
-        keepalive = asyncio.get_running_loop().create_task(self._keep_avatar_alive(avatar_id))
-        self._keepalives[avatar_id] = keepalive
-        try:
-            await keepalive
         except asyncio.CancelledError:
-            return  # stopped on purpose (end, rotation, loss): the release takes it from here
-        except FailureError as e:
+            pass  # stopped on purpose (end, rotation, loss)
+        except ActivityError as e:
             if not is_cancelled_exception(e):
-                self._apply(AvatarLost(avatar_id, f"the avatar session ended: {_describe(e)}"))
+                self._apply(AvatarEnded(avatar_id, _describe(e)))
+                return
         finally:
             del self._keepalives[avatar_id]
-
-    async def _keep_avatar_alive(self, avatar_id: str) -> None:
-        await workflow.execute_activity(
-            "keep_avatar_alive",
-            AvatarRef(avatar_session_id=avatar_id),
-            start_to_close_timeout=self._spec.max_duration_cap + timedelta(minutes=10),
-            heartbeat_timeout=KEEPALIVE_HEARTBEAT,
-            retry_policy=KEEPALIVE,
-            # The session waits for the keep-alive to acknowledge its cancel before closing, so a keep-alive
-            # never outlives its session (and never mistakes a normal end for a vanished workflow).
-            cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
-            summary=f"keep avatar {avatar_id} alive",
-        )
-
-    async def _release_avatar(self, avatar_id: str) -> None:
-        # Let an in-flight start finish first: stopping a session mid-start could leave it billing.
-        await workflow.wait_condition(lambda: avatar_id not in self._starting)
-        await workflow.execute_activity(
-            "stop_avatar_session",
-            AvatarRef(avatar_session_id=avatar_id),
-            start_to_close_timeout=timedelta(seconds=30),
-            retry_policy=FOREVER,
-            summary=f"stop avatar {avatar_id}",
-        )
-        self._apply(AvatarReleased(avatar_id))
-
-    async def _release_room(self) -> None:
-        # Delete only after any create has landed, so a late create can never follow our delete.
-        await workflow.wait_condition(lambda: not self._machine.room_creating)
-        await workflow.execute_activity(
-            "delete_room",
-            self._spec.room_name,
-            start_to_close_timeout=timedelta(seconds=20),
-            retry_policy=FOREVER,
-            summary=f"delete room {self._spec.room_name}",
-        )
-        self._apply(RoomReleased())
+        self._apply(KeepAliveStopped(avatar_id))
 
     # ---- updates, signals, queries ----------------------------------------------------------------------------
 
     @workflow.update
     async def join(self, request: JoinRequest) -> JoinGrant:
         """Admit a participant of the roster and hand back their grant, once the room exists."""
-        await workflow.wait_condition(lambda: self._machine.room_ready or self._machine.ending)
-        try:
-            self._machine.check_join(request.identity)
-        except Refusal as r:
-            raise _refusal_error(r) from None
-        self._apply(JoinGranted(request.identity))
-        participant = self._spec.participant(request.identity)
-        assert participant is not None
+        await workflow.wait_condition(lambda: self._machine.join_decidable)
+        token_request = self._ask(lambda: self._machine.admit(request.identity))
         return await workflow.execute_activity(
             "mint_participant_token",
-            MintTokenInput(
-                room=self._spec.room_name,
-                identity=participant.identity,
-                name=participant.name,
-                role=participant.role,
-                ttl=PARTICIPANT_TOKEN_TTL,
-            ),
+            token_request,
             result_type=JoinGrant,
             start_to_close_timeout=timedelta(seconds=10),
             retry_policy=QUICK,
-            summary=f"token for {participant.identity} ({participant.role.value})",
+            summary=f"token for {request.identity} ({token_request.role})",
         )
 
     @join.validator
     def _validate_join(self, request: JoinRequest) -> None:
-        try:
-            self._machine.check_join(request.identity)
-        except Refusal as r:
-            raise _refusal_error(r) from None
+        self._ask(lambda: self._machine.check_join(request.identity))
 
     @workflow.update
-    async def end(self, request: EndRequest) -> SessionState:
-        """End the session; returns once everything it held is released."""
-        self._apply(EndRequested(EndReason.REQUESTED, request.reason))
-        await workflow.wait_condition(lambda: self._machine.closed)
-        return self._state()
+    async def end(self, request: EndRequest) -> SessionOutcome:
+        """End the session; returns its outcome once everything it held is released. Idempotent."""
+        self._apply(EndRequested(request.reason))
+        await workflow.wait_condition(lambda: self._machine.released)
+        return self._machine.outcome()
 
     @workflow.update
     def extend(self, request: ExtendRequest) -> SessionState:
         """Push the session's end out, within its hard cap."""
-        try:
-            self._apply(Extended(request.by))
-        except Refusal as r:
-            raise _refusal_error(r) from None
-        return self._state()
+        self._ask(lambda: self._apply(Extended(request.by)))
+        return self._machine.state()
 
     @extend.validator
     def _validate_extend(self, request: ExtendRequest) -> None:
-        try:
-            self._machine.check_extend(request.by)
-        except Refusal as r:
-            raise _refusal_error(r) from None
+        self._ask(lambda: self._machine.check_extend(request.by))
 
     @workflow.signal
     def room_event(self, event: RoomEvent) -> None:
-        """A room happening from the LiveKit webhook receiver; duplicates are ignored."""
-        if event.event_id in self._seen_events:
-            return
-        self._seen_events.append(event.event_id)
+        """A room happening (LiveKit webhook receiver); the machine ignores duplicates and late arrivals."""
         match event.kind:
             case RoomEventKind.PARTICIPANT_JOINED if event.identity:
-                self._apply(ParticipantJoined(event.identity))
+                self._apply(ParticipantJoined(event.identity, event.event_id))
             case RoomEventKind.PARTICIPANT_LEFT if event.identity:
-                self._apply(ParticipantLeft(event.identity))
+                self._apply(ParticipantLeft(event.identity, event.event_id))
             case RoomEventKind.ROOM_FINISHED:
-                self._apply(RoomClosed())
+                self._apply(RoomClosed(event.event_id))
 
     @workflow.query
     def state(self) -> SessionState:
-        return self._state()
+        return self._machine.state()
 
-    # ---- what support sees -------------------------------------------------------------------------------------
+    @staticmethod
+    def _ask(question: Callable[[], T]) -> T:
+        """Run a machine call that may refuse; a refusal becomes the typed error the caller sees."""
+        try:
+            return question()
+        except Refusal as r:
+            _refuse(r)
 
-    def _state(self) -> SessionState:
-        m = self._machine
-        return SessionState(
-            session_id=self._spec.session_id,
-            kind=self._spec.kind,
-            status=m.status,
-            room=self._spec.room_name,
-            started_at=m.started_at,
-            ends_at=m.deadline,
-            present=sorted(m.present),
-            admitted=sorted(m.admitted),
-            avatar_session_id=m.avatar_session_id,
-            avatar_identity=m.avatar_identity,
-            avatar_present=m.avatar_present,
-            avatar_fallback=m.avatar_fallback,
-            reconnecting=sorted(m.reconnect_by),
-            recoveries=list(m.recoveries),
-            end_reason=m.end_reason,
-            end_detail=m.end_detail or m.avatar_problem,
-        )
 
-    def _publish_status(self) -> None:
-        m = self._machine
-        workflow.upsert_search_attributes([SESSION_STATUS.value_set(m.status.value)])
-        lines = [
-            f"**{m.status.value}** · room `{self._spec.room_name}`",
-            f"present: {', '.join(sorted(m.present)) or 'nobody'}",
-            f"avatar: {m.avatar_session_id or 'none'}{' (in room)' if m.avatar_present else ''}",
-        ]
-        if m.reconnect_by:
-            lines.append(f"reconnecting: {', '.join(sorted(m.reconnect_by))}")
-        if m.avatar_problem:
-            lines.append(f"avatar problem: {m.avatar_problem}{' (continuing without it)' if m.avatar_fallback else ''}")
-        if m.recoveries:
-            lines.append("recoveries: " + "; ".join(m.recoveries[-5:]))
-        if m.end_reason:
-            lines.append(f"end: {m.end_reason.value}{f' ({m.end_detail})' if m.end_detail else ''}")
-        workflow.set_current_details("\n\n".join(lines))
-
-    def _outcome(self) -> SessionOutcome:
-        m = self._machine
-        assert m.end_reason is not None and m.ended_at is not None
-        return SessionOutcome(
-            session_id=self._spec.session_id,
-            status=m.status,
-            end_reason=m.end_reason,
-            end_detail=m.end_detail,
-            started_at=m.started_at,
-            ended_at=m.ended_at,
-            live_seconds=m.live_seconds,
-            avatar_sessions=list(m.avatars),
-            avatar_seconds=m.avatar_seconds,
-            avatar_fallback=m.avatar_fallback,
-            recoveries=list(m.recoveries),
-            participants_joined=list(m.joined),
-        )
+def _refuse(r: Refusal) -> NoReturn:
+    raise ApplicationError(r.message, type=r.kind, non_retryable=True) from None
 
 
 def _describe(e: BaseException) -> str:
