@@ -3,7 +3,7 @@
     async with SessionClient.connect() as sessions:
         grant = await sessions.join(spec, "cand-1")        # starts the session on the first call
         ...hand grant.url and grant.token to the participant's LiveKit client...
-        state = await sessions.end(spec.session_id, "interview over")
+        outcome = await sessions.end(spec.session_id, "interview over")
 
 Every failure a caller can cause comes back as a `SessionError` subclass with a message a person can act on;
 input is validated before anything reaches Temporal, so bad input changes nothing.
@@ -11,14 +11,17 @@ input is validated before anything reaches Temporal, so bad input changes nothin
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from datetime import timedelta
 from types import TracebackType
-from typing import Self
+from typing import Any, Self, TypeVar
 
-from pydantic import TypeAdapter, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 from temporalio.client import (
     Client,
     WithStartWorkflowOperation,
+    WorkflowExecutionStatus,
+    WorkflowFailureError,
     WorkflowHandle,
     WorkflowUpdateFailedError,
 )
@@ -60,6 +63,10 @@ class SessionEnded(SessionError):
     pass
 
 
+class SessionCancelled(SessionEnded):
+    """The session was cancelled (the abort path) before or while the request was handled."""
+
+
 class RoomFull(SessionError):
     pass
 
@@ -72,13 +79,25 @@ class SessionNotFound(SessionError):
     pass
 
 
+# The workflow's typed refusals (`workflows.machine.Refusal.kind`) and the errors callers see for them.
 _REFUSALS: dict[str, type[SessionError]] = {
     "UnknownParticipant": UnknownParticipant,
     "SessionEnded": SessionEnded,
+    "SessionCancelled": SessionCancelled,
     "RoomFull": RoomFull,
     "ExtendBeyondCap": ExtendBeyondCap,
 }
 _SESSION_ID = TypeAdapter(SessionId)
+_CLOSED = {
+    WorkflowExecutionStatus.COMPLETED: "ended",
+    WorkflowExecutionStatus.FAILED: "failed",
+    WorkflowExecutionStatus.CANCELED: "was cancelled",
+    WorkflowExecutionStatus.TERMINATED: "was terminated by an operator",
+    WorkflowExecutionStatus.TIMED_OUT: "timed out",
+}
+
+T = TypeVar("T")
+M = TypeVar("M", bound=BaseModel)
 
 
 def _check_session_id(session_id: str) -> str:
@@ -91,30 +110,13 @@ def _check_session_id(session_id: str) -> str:
         ) from None
 
 
-def _validated(model: type, data: object):  # type: ignore[no-untyped-def]
+def _validated(model: type[M], data: object) -> M:
     if isinstance(data, model):
         return data
     try:
         return model.model_validate(data)
     except ValidationError as e:
         raise InvalidInput(f"invalid {model.__name__}: {e}") from None
-
-
-def _translate(e: BaseException, session_id: str) -> BaseException:
-    """Map what Temporal raised to the error a caller can act on."""
-    if isinstance(e, WorkflowUpdateFailedError):
-        cause = e.cause
-        if isinstance(cause, ApplicationError) and cause.type in _REFUSALS:
-            return _REFUSALS[cause.type](cause.message)
-    if isinstance(e, WorkflowAlreadyStartedError):
-        return SessionEnded(f"session {session_id!r} has ended; start a new session id")
-    if isinstance(e, RPCError) and e.status == RPCStatusCode.NOT_FOUND:
-        if "update" in e.message.lower() and "completed" in e.message.lower():
-            return SessionEnded(f"session {session_id!r} has ended")
-        return SessionNotFound(f"no session {session_id!r}: it was never started (or has been deleted)")
-    if isinstance(e, RPCError) and "workflow execution already completed" in e.message.lower():
-        return SessionEnded(f"session {session_id!r} has ended")
-    return e
 
 
 class SessionClient:
@@ -137,7 +139,7 @@ class SessionClient:
     def handle(self, session_id: str) -> WorkflowHandle[SessionWorkflow, SessionOutcome]:
         return self.client.get_workflow_handle_for(SessionWorkflow.run, workflow_id_for(_check_session_id(session_id)))
 
-    async def join(self, spec: SessionSpec | dict, identity: str) -> JoinGrant:  # type: ignore[type-arg]
+    async def join(self, spec: SessionSpec | dict[str, Any], identity: str) -> JoinGrant:
         """Start the session if it is not running yet, admit `identity` and return their grant.
 
         One call, idempotent per session: the first creates the workflow (update-with-start), later ones join
@@ -152,30 +154,26 @@ class SessionClient:
                 "add them to the session's participants when starting it"
             )
         start = WithStartWorkflowOperation(SessionWorkflow.run, spec, **self._start_options(spec))
-        try:
-            return await self.client.execute_update_with_start_workflow(
+        return await self._call(
+            spec.session_id,
+            self.client.execute_update_with_start_workflow(
                 SessionWorkflow.join, request, start_workflow_operation=start, result_type=JoinGrant
-            )
-        except Exception as e:
-            raise _translate(e, spec.session_id) from e
+            ),
+        )
 
     async def join_running(self, session_id: str, identity: str) -> JoinGrant:
         """Admit `identity` to a session that is already running (started earlier by `start` or `join`)."""
         request = _validated(JoinRequest, {"identity": identity})
-        try:
-            return await self.handle(session_id).execute_update(SessionWorkflow.join, request)
-        except Exception as e:
-            raise _translate(e, session_id) from e
+        return await self._call(session_id, self.handle(session_id).execute_update(SessionWorkflow.join, request))
 
-    async def start(self, spec: SessionSpec | dict) -> WorkflowHandle[SessionWorkflow, SessionOutcome]:  # type: ignore[type-arg]
+    async def start(self, spec: SessionSpec | dict[str, Any]) -> WorkflowHandle[SessionWorkflow, SessionOutcome]:
         """Start the session ahead of its first join (the room is created now); a running one is left as is."""
         spec = _validated(SessionSpec, spec)
-        try:
-            return await self.client.start_workflow(SessionWorkflow.run, spec, **self._start_options(spec))
-        except Exception as e:
-            raise _translate(e, spec.session_id) from e
+        return await self._call(
+            spec.session_id, self.client.start_workflow(SessionWorkflow.run, spec, **self._start_options(spec))
+        )
 
-    def _start_options(self, spec: SessionSpec) -> dict:  # type: ignore[type-arg]
+    def _start_options(self, spec: SessionSpec) -> dict[str, Any]:
         return dict(
             id=spec.workflow_id,
             task_queue=self.task_queue,
@@ -193,33 +191,71 @@ class SessionClient:
             static_details=_details(spec),
         )
 
-    async def end(self, session_id: str, reason: str = "ended by request") -> SessionState:
-        """End the session; returns once its room and avatar are released."""
+    async def end(self, session_id: str, reason: str = "ended by request") -> SessionOutcome:
+        """End the session; returns its outcome once its room and avatar are released.
+
+        Idempotent: on a session that has already closed, returns the outcome it recorded.
+        """
         request = _validated(EndRequest, {"reason": reason})
         try:
-            return await self.handle(session_id).execute_update(SessionWorkflow.end, request)
-        except Exception as e:
-            raise _translate(e, session_id) from e
+            return await self._call(session_id, self.handle(session_id).execute_update(SessionWorkflow.end, request))
+        except SessionEnded:
+            return await self.recorded_outcome(session_id)
 
     async def extend(self, session_id: str, by: timedelta) -> SessionState:
         request = _validated(ExtendRequest, {"by": by})
-        try:
-            return await self.handle(session_id).execute_update(SessionWorkflow.extend, request)
-        except Exception as e:
-            raise _translate(e, session_id) from e
+        return await self._call(session_id, self.handle(session_id).execute_update(SessionWorkflow.extend, request))
 
     async def state(self, session_id: str) -> SessionState:
-        try:
-            return await self.handle(session_id).query(SessionWorkflow.state)
-        except Exception as e:
-            raise _translate(e, session_id) from e
+        return await self._call(session_id, self.handle(session_id).query(SessionWorkflow.state))
 
     async def outcome(self, session_id: str) -> SessionOutcome:
-        """Wait for the session to close and return its outcome."""
+        """Wait for the session to close and return its outcome (`SessionEnded` if it closed without one)."""
         try:
-            return await self.handle(session_id).result()
-        except Exception as e:
-            raise _translate(e, session_id) from e
+            return await self._call(session_id, self.handle(session_id).result())
+        except WorkflowFailureError:
+            return await self.recorded_outcome(session_id)
+
+    async def recorded_outcome(self, session_id: str) -> SessionOutcome:
+        """The outcome a closed session recorded, whatever way it closed; `SessionEnded` when it has none (it
+        was terminated, or closed before outcomes were recorded), `SessionNotFound` when there is no such session."""
+        description = await self._call(session_id, self.handle(session_id).describe())
+        memo = await description.memo()
+        if "outcome" in memo:
+            return SessionOutcome.model_validate(memo["outcome"])
+        if description.status is WorkflowExecutionStatus.COMPLETED:
+            return await self._call(session_id, self.handle(session_id).result())
+        raise SessionEnded(f"session {session_id!r} {_CLOSED.get(description.status, 'is still running')} and recorded no outcome")
+
+    async def _call(self, session_id: str, call: Awaitable[T]) -> T:
+        """Await one Temporal call for `session_id`, turning what Temporal raised into the error a caller can act on."""
+        try:
+            return await call
+        except WorkflowUpdateFailedError as e:
+            cause = e.cause
+            if isinstance(cause, ApplicationError) and cause.type in _REFUSALS:
+                raise _REFUSALS[cause.type](cause.message) from e
+            raise
+        except WorkflowAlreadyStartedError as e:
+            raise SessionEnded(f"session {session_id!r} has ended; start a new session id") from e
+        except RPCError as e:
+            if e.status not in (RPCStatusCode.NOT_FOUND, RPCStatusCode.FAILED_PRECONDITION):
+                raise
+            # An update or query to a closed session: say it has ended, never "not found".
+            raise await self._closed_or_missing(session_id) from e
+
+    async def _closed_or_missing(self, session_id: str) -> SessionError:
+        try:
+            description = await self.handle(session_id).describe()
+        except RPCError as e:
+            if e.status == RPCStatusCode.NOT_FOUND:
+                return SessionNotFound(f"no session {session_id!r}: it was never started (or has been deleted)")
+            raise
+        closed = _CLOSED.get(description.status) if description.status else None
+        if closed is None:
+            return SessionError(f"session {session_id!r} is running but did not answer; try again")
+        kind = SessionCancelled if description.status is WorkflowExecutionStatus.CANCELED else SessionEnded
+        return kind(f"session {session_id!r} {closed}; start a new session id")
 
     def ui_url(self, session_id: str) -> str:
         return (

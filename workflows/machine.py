@@ -501,7 +501,9 @@ class SessionMachine:
     # -- deciding: the entry points ------------------------------------------------------------------------
 
     def begin(self) -> list[Command]:
-        """The first commands of a session: create its room."""
+        """The first commands of a session: create its room (unless an `end` or a cancel came first)."""
+        if self.ending:
+            return []
         if self.room.phase is not RoomPhase.NONE:
             raise UnexpectedEvent("begin() called twice")
         self.room = Room(RoomPhase.CREATING)
@@ -596,6 +598,7 @@ class SessionMachine:
             case Extended(by):
                 self.check_extend(by)
                 self.deadline += by
+                self._plan_rotation(now)
                 return []
             case TimerFired():
                 return self._on_timer(now)
@@ -623,9 +626,10 @@ class SessionMachine:
         if room.delete_wanted or self.ending:
             return self._delete_room()
         self.status = SessionStatus.WAITING
-        if self.spec.avatar and self.spec.avatar.start is AvatarStart.IMMEDIATELY:
-            return self._request_avatar(now)
-        return []
+        if self.people.joined:  # someone was reported in the room before its create was confirmed
+            self.live_since = now
+            self._refresh_status()
+        return self._maybe_request_avatar(now)
 
     def _on_room_create_failed(self, detail: str, now: datetime) -> list[Command]:
         room = self._expect_room(RoomPhase.CREATING, RoomCreateFailed(detail))
@@ -670,9 +674,7 @@ class SessionMachine:
         if self.status is SessionStatus.WAITING:
             self.live_since = now
         self._refresh_status()
-        if self.spec.avatar and self.spec.avatar.start is AvatarStart.ON_FIRST_JOIN:
-            return self._request_avatar(now)
-        return []
+        return self._maybe_request_avatar(now)
 
     def _on_left(self, identity: str, now: datetime) -> list[Command]:
         if self._is_avatar(identity):
@@ -719,6 +721,15 @@ class SessionMachine:
         assert self.spec.avatar is not None
         return min(self.hard_deadline - now + ROTATION_MARGIN, self.spec.avatar.max_session_duration)
 
+    def _maybe_request_avatar(self, now: datetime) -> list[Command]:
+        """The first avatar, when its start policy says so, and only into a room that exists."""
+        avatar = self.spec.avatar
+        if avatar is None or self.room.phase is not RoomPhase.LIVE:
+            return []
+        if avatar.start is AvatarStart.ON_FIRST_JOIN and not self.people.joined:
+            return []
+        return self._request_avatar(now)
+
     def _request_avatar(self, now: datetime) -> list[Command]:
         if self.avatar.requested or self.ending:
             return []
@@ -751,8 +762,9 @@ class SessionMachine:
         # Recorded before anything can bill, so support and the reaper can always find its owner.
         commands: list[Command] = [PublishAvatarSessions(tuple(self.avatars))]
         if self.ending:
-            # Never started; stopping it anyway is harmless and makes sure it cannot be started later.
-            return commands + self._stop_avatar(avatar_id)
+            # Never started: stop it straight away (harmless, and it can never be started later).
+            self.avatars[avatar_id] = AvatarSession(avatar_id, identity, phase=AvatarPhase.STOPPING)
+            return [*commands, StopAvatarSession(avatar_id)]
         self.avatar.incoming = avatar_id
         return commands + [StartAvatarSession(avatar_id, token)]
 
@@ -857,6 +869,14 @@ class SessionMachine:
         commands: list[Command] = [CancelKeepAlive(avatar_id)] if avatar.keepalive else []
         return commands + [StopAvatarSession(avatar_id)]
 
+    def _plan_rotation(self, now: datetime) -> None:
+        """After an extend: a rotation skipped because the session was about to end is needed again."""
+        plan, spec = self.avatar, self.spec.avatar
+        current = self.avatars.get(plan.current) if plan.current else None
+        if spec is None or current is None or plan.rotate_at is not None or current.billed_from is None:
+            return
+        plan.rotate_at = max(now, current.billed_from + spec.max_session_duration - ROTATION_MARGIN)
+
     def _start_replacement(self, now: datetime, *, rotation: bool) -> list[Command]:
         if rotation:
             self.avatar.rotating_from = self.avatar.current
@@ -892,8 +912,8 @@ class SessionMachine:
 
     def _refresh_status(self) -> None:
         """LIVE once someone joined; DEGRADED while the avatar is lost or someone is reconnecting."""
-        if self.ending or not self.people.joined:
-            return
+        if self.ending or not self.people.joined or self.status is SessionStatus.PROVISIONING:
+            return  # nobody in the room yet, or no room yet
         plan = self.avatar
         avatar_down = (
             self.spec.avatar is not None

@@ -113,8 +113,8 @@ class SessionWorkflow:
             # A cancel, or a real failure: release everything, then let it through so the workflow closes
             # CANCELED or FAILED. Anything else is a bug in this code: it fails only the workflow task, which
             # Temporal retries (after a fix), so no cleanup may run for it here.
-            if not (isinstance(e, asyncio.CancelledError) or workflow.is_failure_exception(e)):
-                raise
+            if not (isinstance(e, asyncio.CancelledError) or (isinstance(e, Exception) and workflow.is_failure_exception(e))):
+                raise  # a bug, or the SDK tearing the instance down (GeneratorExit on eviction)
             cancelled = is_cancelled_exception(e)
             self._apply(CancelRequested(workflow.cancellation_reason()) if cancelled else Failed(_describe(e)))
             await self._cleanup_despite_cancel()

@@ -18,7 +18,7 @@ from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
 from starters.client import SessionClient
-from tests.conftest import venv_binary
+from tests.support.binaries import venv_binary
 from config.settings import Settings
 from workers.temporal import data_converter
 from workflows.models import (
