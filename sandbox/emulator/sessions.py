@@ -17,12 +17,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from activities.liveavatar_client import SessionEndReason
-
 from .avatar import Avatar, AvatarJoinError
 from .config import EmulatorConfig
 from .envelope import ApiError
-from .schemas import LiveKitConfig
+from .schemas import LiveKitConfig, SessionEndReason
 
 CREDITS_PER_PERIOD = {"LITE": 1.0, "FULL": 2.0}
 
