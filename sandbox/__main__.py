@@ -26,17 +26,9 @@ from pathlib import Path
 
 from rich.console import Console
 
-from sandbox.stack import (
-    LIVEKIT_VERSION,
-    SERVICE_NAMES,
-    LocalStack,
-    StackError,
-    StackPorts,
-    default_state_dir,
-    ensure_livekit_server,
-    livekit_server_path,
-    stop_stack,
-)
+from sandbox.binaries import LIVEKIT_VERSION, ensure_livekit_server, livekit_server_path
+from sandbox.processes import StackError
+from sandbox.stack import SERVICE_NAMES, LocalStack, StackPorts, default_state_dir, stop_stack
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)
 
