@@ -1,5 +1,5 @@
 # sessionflow: everyday commands. Everything runs from the project's own .venv (created by `make install`).
-# The local stack (Temporal dev server, LiveKit server, LiveAvatar emulator, gateway) is sandbox/stack.py.
+# The local stack (Temporal dev server, LiveKit server, LiveAvatar emulator, gateway) is sandbox/ (`python -m sandbox`).
 
 PYTHON ?= python3
 VENV   := .venv
@@ -36,7 +36,7 @@ chaos: install
 
 ## demo: run the end-to-end demo
 demo: install
-	$(VENV)/bin/sessionflow demo
+	$(PY) -m sandbox demo
 
 ## bench: measure session-ready time against a Temporal baseline (figures go in docs/benchmarks.md)
 bench: install
