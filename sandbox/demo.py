@@ -13,9 +13,10 @@ import asyncio
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
 from livekit import api, rtc
 from rich.console import Console
@@ -31,6 +32,7 @@ from workers.worker import build_worker
 from workflows.models import SessionSpec, avatar_identity_prefix
 
 console = Console(highlight=False)
+T = TypeVar("T")
 
 
 @dataclass
@@ -58,7 +60,7 @@ async def local_stack() -> AsyncIterator[None]:
         yield
 
 
-async def wait_for(what: str, check, timeout: float = 30.0, every: float = 0.2):  # type: ignore[no-untyped-def]
+async def wait_for(what: str, check: Callable[[], Awaitable[T]], timeout: float = 30.0, every: float = 0.2) -> T:
     """Poll `check()` until it returns something truthy; fail with `what` after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while True:

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -116,12 +117,13 @@ class RunningService:
         }
 
     @classmethod
-    def from_state(cls, data: dict[str, object]) -> RunningService:
+    def from_state(cls, data: dict[str, Any]) -> RunningService:
+        """Rebuild a service from :meth:`to_state`'s output read back from JSON."""
         return cls(
-            name=str(data["name"]), pid=int(data["pid"]), command=list(data["command"]),  # type: ignore[arg-type,call-overload]
+            name=str(data["name"]), pid=int(data["pid"]), command=[str(arg) for arg in data["command"]],
             log_path=Path(str(data["log"])), url=str(data.get("url", "")),
-            start_time=data.get("start_time"),  # type: ignore[arg-type]
-            stop_plan=tuple((int(s), float(w)) for s, w in data.get("stop_plan", DEFAULT_STOP_PLAN)),  # type: ignore[union-attr]
+            start_time=data.get("start_time"),
+            stop_plan=tuple((int(s), float(w)) for s, w in data.get("stop_plan", DEFAULT_STOP_PLAN)),
         )
 
     def wait_exit(self, timeout: float) -> bool:

@@ -25,10 +25,10 @@ from pathlib import Path
 
 from temporalio.client import WorkflowExecutionStatus, WorkflowFailureError
 
+from config.settings import get_settings
 from starters.client import SessionClient, SessionError
 from starters.timeline import render, timeline
 from workers.logging import configure_logging
-from config.settings import get_settings
 from workers.temporal import TemporalUnavailable, connect
 from workers.worker import run_worker
 from workflows.models import ROOM_PREFIX
@@ -48,7 +48,7 @@ def _load_spec(text: str) -> object:
 async def _join(args: argparse.Namespace) -> int:
     spec = _load_spec(args.spec)  # bad input is refused before anything is contacted
     sessions = await SessionClient.connect()
-    grant = await sessions.join(spec, args.identity)  # type: ignore[arg-type]
+    grant = await sessions.join(spec, args.identity)  # type: ignore[arg-type]  # any JSON value: join() validates it
     print(grant.model_dump_json(indent=2))
     return 0
 

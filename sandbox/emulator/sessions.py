@@ -173,7 +173,7 @@ class SessionRegistry:
                 raise ApiError(500, f"Failed to start session: {exc}") from exc
             finally:
                 session.starting = False
-            if session.state == "ended":  # stopped while the avatar was joining
+            if session.end_at is not None:  # ended (stopped) while the avatar was joining
                 self._depart(avatar)
                 raise ApiError(404, "Session not found")
             session.avatar = avatar
