@@ -249,6 +249,10 @@ def port_is_free(port: int, kind: int = socket.SOCK_STREAM) -> bool:
     return True
 
 
+# --------------------------------------------------------------------------------------------------------
+# Processes: /proc, process groups, logs
+
+
 def _module_exists(module: str) -> bool:
     # Imports the parent packages (ours, light) but not the module itself.
     try:
@@ -268,6 +272,7 @@ def _proc_stat(pid: int) -> tuple[str, int] | None:
 
 
 def proc_start_time(pid: int) -> int | None:
+    """When ``pid`` started (clock ticks since boot), to tell it from a later process that reuses the pid."""
     stat = _proc_stat(pid)
     return stat[1] if stat else None
 
@@ -289,6 +294,7 @@ def pid_alive(pid: int, start_time: int | None = None) -> bool:
 
 
 def kill_group(pgid: int, sig: int) -> bool:
+    """Send ``sig`` to process group ``pgid``; False if there is no such group (or it is not ours)."""
     try:
         os.killpg(pgid, sig)
     except (ProcessLookupError, PermissionError):
@@ -297,6 +303,7 @@ def kill_group(pgid: int, sig: int) -> bool:
 
 
 def log_tail(path: Path | None, lines: int = LOG_TAIL_LINES) -> list[str]:
+    """The last ``lines`` lines of a log (each cut to 300 characters), for error messages."""
     if path is None:
         return []
     try:
