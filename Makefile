@@ -1,13 +1,14 @@
 # sessionflow: everyday commands. Everything runs from the project's own .venv (created by `make install`).
-# The local stack (Temporal dev server, LiveKit server, LiveAvatar emulator, gateway) is sandbox/stack.py.
+# The local stack (Temporal dev server, LiveKit server, LiveAvatar emulator, gateway) is sandbox/ (`python -m sandbox`).
 
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
+SOURCES := workflows activities workers starters sandbox config bench tests
 
-.PHONY: install livekit stack test chaos demo bench record-histories clean
+.PHONY: install livekit stack lint test chaos demo bench record-histories clean
 
 ## install: create .venv with $(PYTHON) if missing and install the project with its dev extras
 install: $(STAMP)
@@ -26,8 +27,17 @@ livekit: install
 stack: install
 	$(PY) -m sandbox up
 
-## test: run the tests against a local stack started (and stopped) around them; PYTEST_ARGS passes options
-test: install
+## lint: ruff check and mypy (configured in pyproject.toml; nothing is reformatted), and no `# type: ignore` without a reason
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+	@if grep -rnE --include='*.py' '# type: ignore(\[[^]]*\])? *$$' $(SOURCES); then \
+		echo 'error: each `# type: ignore[code]` above needs its reason on the same line: `# type: ignore[code]  # why`' >&2; \
+		exit 1; \
+	fi
+
+## test: lint, then the tests against a local stack started (and stopped) around them; PYTEST_ARGS passes options
+test: lint
 	$(PY) -m sandbox exec -- $(PY) -m pytest tests $(PYTEST_ARGS)
 
 ## chaos: every chaos scenario (long ones too) on a stack of its own (shifted ports); summary in .sessionflow/chaos-summary.md
@@ -36,7 +46,7 @@ chaos: install
 
 ## demo: run the end-to-end demo
 demo: install
-	$(VENV)/bin/sessionflow demo
+	$(PY) -m sandbox demo
 
 ## bench: measure session-ready time against a Temporal baseline (figures go in docs/benchmarks.md)
 bench: install
@@ -49,5 +59,5 @@ record-histories: install
 ## clean: stop a stack left running and remove state, caches and build output (keeps .venv and the LiveKit cache)
 clean:
 	-@test -x $(PY) && $(PY) -m sandbox down
-	rm -rf .sessionflow .pytest_cache .hypothesis build
+	rm -rf .sessionflow .pytest_cache .hypothesis .mypy_cache .ruff_cache build
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -19,7 +19,6 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.errors import never_final
-from activities.livekit import LiveKitActivities, mint_token
 from activities.liveavatar_client import (
     LiveAvatarAuthError,
     LiveAvatarClient,
@@ -31,6 +30,7 @@ from activities.liveavatar_client import (
     LiveAvatarServerError,
     LiveAvatarValidationError,
 )
+from activities.livekit import LiveKitActivities, mint_token
 from activities.reaper import owner_gone, session_workflow_statuses
 from config.settings import Settings
 from workflows.models import ROOM_PREFIX, AvatarCreated, AvatarRef, CreateAvatarInput, MintTokenInput, StartAvatarInput
@@ -193,7 +193,9 @@ class AvatarActivities:
             if not room.startswith(ROOM_PREFIX) or not owner_gone(await session_workflow_statuses(activity.client(), room)):
                 return
         except Exception as e:
-            activity.logger.warning(f"keep-alive net: could not confirm the workflow is gone, released nothing: {e}", extra=context)
+            activity.logger.warning(
+                f"keep-alive net: could not confirm the workflow is gone, released nothing: {e}", extra=context
+            )
             return
         steps: list[tuple[str, Callable[[], Awaitable[object]]]] = [
             ("stop the avatar session", lambda: client.stop_session_confirmed(avatar_session_id)),

@@ -219,11 +219,11 @@ def error_message(response: httpx.Response) -> str:
             return "; ".join(_describe_validation_error(item) for item in detail)
         if isinstance(detail, str) and detail:
             return detail
-        data = body.get("data")
+        data, error = body.get("data"), body.get("error")
         for candidate in (
             data.get("message") if isinstance(data, dict) else None,
             data[0].get("message") if isinstance(data, list) and data and isinstance(data[0], dict) else None,
-            body.get("error").get("message") if isinstance(body.get("error"), dict) else body.get("error"),
+            error.get("message") if isinstance(error, dict) else error,
             body.get("message"),
         ):
             if isinstance(candidate, str) and candidate:

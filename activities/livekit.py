@@ -13,7 +13,7 @@ import warnings
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from typing import TypeVar
+from typing import Literal, TypedDict, TypeVar
 
 from jwt.warnings import InsecureKeyLengthWarning
 from livekit import api
@@ -30,7 +30,15 @@ T = TypeVar("T")
 warnings.filterwarnings("ignore", category=InsecureKeyLengthWarning, message="The HMAC key is 6 bytes")
 
 # What each role may do in the room. Observers watch; nobody but the engine holds admin.
-ROLE_GRANTS: dict[Role, dict[str, bool]] = {
+class RoleGrants(TypedDict):
+    """The publish/subscribe grants of one role (passed to ``api.VideoGrants``)."""
+
+    can_publish: bool
+    can_subscribe: bool
+    can_publish_data: bool
+
+
+ROLE_GRANTS: dict[Role, RoleGrants] = {
     Role.CANDIDATE: {"can_publish": True, "can_subscribe": True, "can_publish_data": True},
     Role.COACH: {"can_publish": True, "can_subscribe": True, "can_publish_data": True},
     Role.INTERVIEWER: {"can_publish": True, "can_subscribe": True, "can_publish_data": True},
@@ -44,7 +52,7 @@ def mint_token(settings: Settings, inp: MintTokenInput) -> tuple[str, datetime]:
         # The avatar: LiveAvatar needs publish, subscribe and publish-data (without data, /start answers 500),
         # and kind=agent makes it a dependent participant that does not hold the room open.
         grants = api.VideoGrants(room_join=True, room=inp.room, can_publish=True, can_subscribe=True, can_publish_data=True)
-        kind = "agent"
+        kind: Literal["standard", "agent"] = "agent"
     else:
         grants = api.VideoGrants(room_join=True, room=inp.room, **ROLE_GRANTS[inp.role])
         kind = "standard"

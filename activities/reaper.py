@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
+from functools import partial
 
 from temporalio import activity
 from temporalio.client import Client, WorkflowExecutionStatus
@@ -192,8 +193,8 @@ class ReaperActivities:
                     kind="room",
                     name=room.name,
                     age_s=now - room.creation_time if room.creation_time else None,
-                    owners=lambda name=room.name: session_workflow_statuses(client, name),
-                    release=lambda name=room.name: self._livekit.release_room(name),
+                    owners=partial(session_workflow_statuses, client, room.name),
+                    release=partial(self._livekit.release_room, room.name),
                     released=report.rooms_released,
                 ),
                 req,
@@ -235,8 +236,8 @@ class ReaperActivities:
                         kind="avatar session",
                         name=entry.id,
                         age_s=_age_s(entry, now),
-                        owners=lambda avatar_id=entry.id: avatar_owner_statuses(client, avatar_id),
-                        release=lambda avatar_id=entry.id: stop(avatar_id),
+                        owners=partial(avatar_owner_statuses, client, entry.id),
+                        release=partial(stop, entry.id),
                         released=report.avatars_released,
                     ),
                     req,

@@ -23,8 +23,8 @@ from temporalio.client import Client, WithStartWorkflowOperation
 from temporalio.common import WorkflowIDConflictPolicy
 from temporalio.worker import Worker
 
-from starters.client import SessionClient
 from config.settings import Settings
+from starters.client import SessionClient
 from workers.temporal import connect
 from workers.worker import build_worker
 from workflows.models import SessionSpec
@@ -60,7 +60,7 @@ async def floor(client: Client, n: int) -> list[float]:
     tq = f"bench-floor-{uuid.uuid4().hex[:6]}"
     out = []
     async with Worker(client, task_queue=tq, workflows=[FloorWorkflow]):
-        for i in range(n):
+        for _ in range(n):
             op = WithStartWorkflowOperation(
                 FloorWorkflow.run, id=f"floor-{uuid.uuid4().hex}", task_queue=tq,
                 id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,

@@ -7,36 +7,32 @@
                                            stopped around CMD); exits with CMD's exit code
     python -m sandbox env                  `export` lines for the stack's environment
     python -m sandbox livekit              build the LiveKit server if it is not cached yet
+    python -m sandbox dev                  the stack and a worker in this process, until Ctrl-C stops both
+    python -m sandbox demo                 one scripted avatar interview on the stack (`make demo`)
 
 Common options: --services temporal,livekit,emulator,gateway   --port-offset N (or SESSIONFLOW_PORT_OFFSET)
                 --state-dir DIR (or SESSIONFLOW_STATE_DIR)      --timeout SECONDS
+(`dev` and `demo` run every service on the ports given by SESSIONFLOW_PORT_OFFSET.)
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import shlex
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 
 from rich.console import Console
 
-from sandbox.stack import (
-    LIVEKIT_VERSION,
-    SERVICE_NAMES,
-    LocalStack,
-    StackError,
-    StackPorts,
-    default_state_dir,
-    ensure_livekit_server,
-    livekit_server_path,
-    stop_stack,
-)
+from sandbox.binaries import LIVEKIT_VERSION, ensure_livekit_server, livekit_server_path
+from sandbox.processes import StackError
+from sandbox.stack import SERVICE_NAMES, LocalStack, StackPorts, default_state_dir, stop_stack
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -48,10 +44,16 @@ class Interrupted(BaseException):
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return int(args.handler(args))
+        code = int(args.handler(args))
     except StackError as error:
         console.print(f"[red]error:[/] {error}", markup=True, highlight=False)
-        return 1
+        code = 1
+    if getattr(args, "runs_temporal_client", False):
+        # The Temporal runtime can crash at interpreter exit in short-lived processes (sdk-python#300).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 # ---- commands
@@ -170,6 +172,52 @@ def cmd_livekit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dev(_: argparse.Namespace) -> int:
+    """The stack and a worker in this process, in the foreground (the stack is stopped on the way out)."""
+    return _run_with_temporal_client(_dev, long_running=True)
+
+
+def cmd_demo(_: argparse.Namespace) -> int:
+    from sandbox.demo import demo  # the demo imports livekit rtc and the Temporal SDK: only for this command
+
+    return _run_with_temporal_client(demo, long_running=False)
+
+
+async def _dev() -> int:
+    from config.settings import get_settings
+    from workers.worker import run_worker
+
+    async with LocalStack() as stack:
+        os.environ.update(stack.env)
+        get_settings.cache_clear()
+        for label, url in stack.urls.items():
+            print(f"  {label:<20} {url}")
+        print("stack and worker running; Ctrl-C stops both")
+        await run_worker(get_settings())
+    return 0
+
+
+def _run_with_temporal_client(command: Callable[[], Coroutine[object, object, int]], *, long_running: bool) -> int:
+    """Run ``command`` the way the `sessionflow` CLI runs its commands: logging configured from the settings
+    (a one-shot command prints its result, not logs, unless SESSIONFLOW_LOG_LEVEL asks for them), and a
+    person's mistake (Temporal unreachable) is a message and exit code 2, not a traceback."""
+    from config.settings import get_settings
+    from starters.client import SessionError
+    from workers.logging import configure_logging
+    from workers.temporal import TemporalUnavailable
+
+    settings = get_settings()
+    level = settings.log_level if long_running or "SESSIONFLOW_LOG_LEVEL" in os.environ else "WARNING"
+    configure_logging(settings.log_format, level)
+    try:
+        return asyncio.run(command())
+    except (SessionError, TemporalUnavailable) as error:
+        print(f"python -m sandbox: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
 # ---- helpers
 
 
@@ -257,6 +305,10 @@ def _parser() -> argparse.ArgumentParser:
     run.set_defaults(handler=cmd_exec)
     common(sub.add_parser("env", help="print export lines")).set_defaults(handler=cmd_env)
     sub.add_parser("livekit", help="ensure the LiveKit server binary").set_defaults(handler=cmd_livekit)
+    sub.add_parser("dev", help="the stack and a worker in the foreground").set_defaults(
+        handler=cmd_dev, runs_temporal_client=True)
+    sub.add_parser("demo", help="one scripted avatar interview on the local stack").set_defaults(
+        handler=cmd_demo, runs_temporal_client=True)
     return parser
 
 

@@ -1,13 +1,15 @@
 """`sessionflow`: the command line for developers and support.
 
-    sessionflow dev                      local stack + worker in the foreground (Ctrl-C stops both)
     sessionflow worker                   a worker against TEMPORAL_ADDRESS
-    sessionflow demo                     one scripted avatar interview on the local stack
     sessionflow join SPEC IDENTITY       start the session in SPEC (JSON file or text) if needed, print a grant
     sessionflow end SESSION_ID [--reason TEXT]
     sessionflow extend SESSION_ID SECONDS
     sessionflow show SESSION_ID          state, timeline and Temporal UI link of a session
     sessionflow reap [--dry-run] [--grace SECONDS]   sweep for orphaned rooms and avatars now, print the report
+
+The local stack is development tooling, not part of the engine: `python -m sandbox dev` (stack + worker in the
+foreground) and `python -m sandbox demo` (`make demo`) run it; `sessionflow dev` and `sessionflow demo` only
+say so.
 """
 
 from __future__ import annotations
@@ -23,10 +25,10 @@ from pathlib import Path
 
 from temporalio.client import WorkflowExecutionStatus, WorkflowFailureError
 
+from config.settings import get_settings
 from starters.client import SessionClient, SessionError
 from starters.timeline import render, timeline
 from workers.logging import configure_logging
-from config.settings import get_settings
 from workers.temporal import TemporalUnavailable, connect
 from workers.worker import run_worker
 from workflows.models import ROOM_PREFIX
@@ -46,7 +48,7 @@ def _load_spec(text: str) -> object:
 async def _join(args: argparse.Namespace) -> int:
     spec = _load_spec(args.spec)  # bad input is refused before anything is contacted
     sessions = await SessionClient.connect()
-    grant = await sessions.join(spec, args.identity)  # type: ignore[arg-type]
+    grant = await sessions.join(spec, args.identity)  # type: ignore[arg-type]  # any JSON value: join() validates it
     print(grant.model_dump_json(indent=2))
     return 0
 
@@ -128,36 +130,24 @@ async def _reap(args: argparse.Namespace) -> int:
     return 1 if report.errors else 0
 
 
-async def _dev(_: argparse.Namespace) -> int:
-    from sandbox.stack import LocalStack
-
-    async with LocalStack() as stack:
-        os.environ.update(stack.env)
-        get_settings.cache_clear()
-        for label, url in stack.urls.items():
-            print(f"  {label:<20} {url}")
-        print("stack and worker running; Ctrl-C stops both")
-        await run_worker(get_settings())
-    return 0
-
-
 async def _worker(_: argparse.Namespace) -> int:
     await run_worker(get_settings())
     return 0
 
 
-def _demo(_: argparse.Namespace) -> int:
-    from starters.demo import main as demo_main
-
-    return demo_main()
+def _moved_to_sandbox(args: argparse.Namespace) -> int:
+    """`dev` and `demo` live in the sandbox now (starters never import it): name the command that replaced them."""
+    print(f"sessionflow: `sessionflow {args.command}` is now `python -m sandbox {args.command}`"
+          + (" (or `make demo`)" if args.command == "demo" else ""), file=sys.stderr)
+    return 2
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sessionflow", description="durable live-video sessions")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("dev", help="local stack + worker in the foreground").set_defaults(run=_dev)
+    sub.add_parser("dev", help="moved: python -m sandbox dev").set_defaults(sync=_moved_to_sandbox)
     sub.add_parser("worker", help="run a worker").set_defaults(run=_worker)
-    sub.add_parser("demo", help="one scripted avatar interview on the local stack").set_defaults(sync=_demo)
+    sub.add_parser("demo", help="moved: python -m sandbox demo (make demo)").set_defaults(sync=_moved_to_sandbox)
     p = sub.add_parser("join", help="start (if needed) and join a session; prints the grant")
     p.add_argument("spec", help="the session spec: a JSON file or JSON text")
     p.add_argument("identity")
@@ -184,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     settings = get_settings()
     # One-shot commands print their result, not logs, unless a level is asked for.
-    long_running = args.command in ("worker", "dev")
+    long_running = args.command == "worker"
     level = settings.log_level if long_running or "SESSIONFLOW_LOG_LEVEL" in os.environ else "WARNING"
     configure_logging(settings.log_format, level)
     try:

@@ -22,8 +22,8 @@ from livekit.protocol import models as lk_models
 from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 
-from workers.logging import configure_logging
 from config.settings import Settings, get_settings
+from workers.logging import configure_logging
 from workers.temporal import connect
 from workflows.models import ROOM_PREFIX, RoomEvent, RoomEventKind
 from workflows.session import SessionWorkflow

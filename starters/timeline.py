@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from temporalio.api.common.v1 import Payload
+from temporalio.api.common.v1 import Payload, Payloads
 from temporalio.api.enums.v1 import EventType
 from temporalio.api.history.v1 import HistoryEvent
 from temporalio.client import WorkflowHistory
@@ -28,7 +28,7 @@ def _value(converter: DataConverter, payload: Payload) -> object:
         return "?"
 
 
-def _first(converter: DataConverter, payloads) -> object:  # type: ignore[no-untyped-def]
+def _first(converter: DataConverter, payloads: Payloads | None) -> object:
     return _value(converter, payloads.payloads[0]) if payloads and payloads.payloads else None
 
 
@@ -68,8 +68,8 @@ def timeline(history: WorkflowHistory, converter: DataConverter) -> list[Moment]
         elif t == EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED:
             add(e, f"done: {summaries.get(e.activity_task_completed_event_attributes.scheduled_event_id, '?')}")
         elif t == EventType.EVENT_TYPE_ACTIVITY_TASK_FAILED:
-            a = e.activity_task_failed_event_attributes
-            add(e, f"FAILED: {summaries.get(a.scheduled_event_id, '?')}: {a.failure.message}")
+            failed = e.activity_task_failed_event_attributes
+            add(e, f"FAILED: {summaries.get(failed.scheduled_event_id, '?')}: {failed.failure.message}")
         elif t == EventType.EVENT_TYPE_ACTIVITY_TASK_TIMED_OUT:
             add(e, f"timed out: {summaries.get(e.activity_task_timed_out_event_attributes.scheduled_event_id, '?')}")
         elif t == EventType.EVENT_TYPE_ACTIVITY_TASK_CANCELED:
@@ -77,19 +77,19 @@ def timeline(history: WorkflowHistory, converter: DataConverter) -> list[Moment]
         elif t == EventType.EVENT_TYPE_TIMER_FIRED:
             add(e, f"{summaries.get(e.timer_fired_event_attributes.started_event_id, 'timer')} fired")
         elif t == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_ACCEPTED:
-            a = e.workflow_execution_update_accepted_event_attributes
-            name = a.accepted_request.input.name
-            updates[a.protocol_instance_id] = name
-            arg = _first(converter, a.accepted_request.input.args)
+            accepted = e.workflow_execution_update_accepted_event_attributes
+            name = accepted.accepted_request.input.name
+            updates[accepted.protocol_instance_id] = name
+            arg = _first(converter, accepted.accepted_request.input.args)
             add(e, f"{name} requested{_describe_arg(arg)}")
         elif t == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_COMPLETED:
-            a = e.workflow_execution_update_completed_event_attributes
-            name = updates.get(a.meta.update_id, "update")
-            if a.outcome.HasField("failure"):
-                add(e, f"{name} refused: {a.outcome.failure.message}")
+            completed = e.workflow_execution_update_completed_event_attributes
+            name = updates.get(completed.meta.update_id, "update")
+            if completed.outcome.HasField("failure"):
+                add(e, f"{name} refused: {completed.outcome.failure.message}")
         elif t == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED:
-            a = e.workflow_execution_signaled_event_attributes
-            add(e, f"{a.signal_name}{_describe_arg(_first(converter, a.input))}")
+            signaled = e.workflow_execution_signaled_event_attributes
+            add(e, f"{signaled.signal_name}{_describe_arg(_first(converter, signaled.input))}")
         elif t == EventType.EVENT_TYPE_UPSERT_WORKFLOW_SEARCH_ATTRIBUTES:
             fields = e.upsert_workflow_search_attributes_event_attributes.search_attributes.indexed_fields
             for key, payload in fields.items():

@@ -2,8 +2,8 @@ import asyncio
 import os
 import sys
 
-from workers.logging import configure_logging
 from config.settings import get_settings
+from workers.logging import configure_logging
 from workers.worker import run_worker
 
 if __name__ == "__main__":

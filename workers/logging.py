@@ -8,12 +8,13 @@ import logging
 import sys
 
 import structlog
+from structlog.typing import EventDict, Processor
 from temporalio import activity, workflow
 
 
 def configure_logging(fmt: str = "auto", level: str = "INFO") -> None:
     json_lines = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
-    shared = [
+    shared: list[Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
@@ -43,7 +44,7 @@ def configure_logging(fmt: str = "auto", level: str = "INFO") -> None:
     activity.logger.activity_info_on_message = False
 
 
-def _flatten_temporal_context(_logger, _name, event: dict) -> dict:  # type: ignore[no-untyped-def]
+def _flatten_temporal_context(_logger: object, _name: str, event: EventDict) -> EventDict:
     """Lift the ids Temporal attaches (`temporal_workflow`, `temporal_activity`) to top-level keys."""
     for key in ("temporal_workflow", "temporal_activity"):
         ctx = event.pop(key, None)

@@ -41,7 +41,7 @@ async def connect(settings: Settings | None = None) -> Client:
     except RuntimeError as e:
         raise TemporalUnavailable(
             f"cannot reach Temporal at {settings.temporal_address} (namespace {settings.temporal_namespace}): {e}. "
-            "Start the local stack with `sessionflow dev` (or `make stack`), or set TEMPORAL_ADDRESS"
+            "Start the local stack with `python -m sandbox dev` (or `make stack`), or set TEMPORAL_ADDRESS"
         ) from e
 
 

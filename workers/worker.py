@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from collections.abc import Callable
 from datetime import timedelta
+from typing import Any
 
 import structlog
 from temporalio.client import Client
@@ -13,8 +15,8 @@ from temporalio.worker import Worker
 from activities.avatar import AvatarActivities
 from activities.livekit import LiveKitActivities
 from activities.reaper import ReaperActivities
-from workers.schedules import ensure_reaper_schedule
 from config.settings import Settings, get_settings
+from workers.schedules import ensure_reaper_schedule
 from workers.temporal import connect
 from workflows.reaper import ReaperWorkflow
 from workflows.session import SessionWorkflow
@@ -24,7 +26,7 @@ log = structlog.get_logger("sessionflow.worker")
 WORKFLOWS = [SessionWorkflow, ReaperWorkflow]
 
 
-def activities_for(settings: Settings) -> list:  # type: ignore[type-arg]
+def activities_for(settings: Settings) -> list[Callable[..., Any]]:
     lk = LiveKitActivities(settings)
     avatar = AvatarActivities(settings)
     return [

@@ -26,7 +26,7 @@ class ReaperWorkflow:
     @workflow.run
     async def run(self, request: ReapRequest) -> ReapReport:
         """Sweep once; the report names every room and avatar session released (or, dry run, releasable)."""
-        return await workflow.execute_activity(
+        report: ReapReport = await workflow.execute_activity(
             "reap_orphans",
             request,
             result_type=ReapReport,
@@ -35,3 +35,4 @@ class ReaperWorkflow:
             retry_policy=SWEEP_RETRY,
             summary="dry run: find orphaned rooms and avatars" if request.dry_run else "release orphaned rooms and avatars",
         )
+        return report

@@ -18,4 +18,6 @@ AVATAR_SESSION_ID = SearchAttributeKey.for_keyword_list("AvatarSessionId")
 
 SEARCH_ATTRIBUTES = (SESSION_ID, SESSION_KIND, SESSION_STATUS, AVATAR_SESSION_ID)
 # The same, as the dev server's `--search-attribute NAME=TYPE` flags want them.
-SEARCH_ATTRIBUTE_TYPES = {"SessionId": "Keyword", "SessionKind": "Keyword", "SessionStatus": "Keyword", "AvatarSessionId": "KeywordList"}
+SEARCH_ATTRIBUTE_TYPES = {
+    "SessionId": "Keyword", "SessionKind": "Keyword", "SessionStatus": "Keyword", "AvatarSessionId": "KeywordList"
+}

@@ -58,10 +58,10 @@ def session_from_key_or_token(
     require_api_key(request, emulator)
     if session_id is None:
         raise ApiError(400, "session_id is required when authenticating with X-API-KEY")
-    session = emulator.registry.get(session_id)
-    if session is None:
+    found = emulator.registry.get(session_id)
+    if found is None:
         raise ApiError(404, "Session not found")
-    return session
+    return found
 
 
 ApiKey = Depends(require_api_key)

@@ -9,10 +9,9 @@ from fastapi import APIRouter, Body
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
-from activities.liveavatar_client import SessionEndReason
-
 from .envelope import ApiError, ok
 from .faults import FaultRule, HangRule, LatencyRule
+from .schemas import SessionEndReason
 from .sessions import EmulatedSession
 from .state import Emulator, EmulatorState
 

@@ -2,12 +2,32 @@
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
 from pydantic import BaseModel, Discriminator, Field, Tag
 
-from activities.liveavatar_client import SessionEndReason
+
+class SessionEndReason(StrEnum):
+    """``SessionEndReasonEnum`` (reference §3.3): the reasons the emulated service records and accepts on stop.
+
+    The server's own copy, kept apart from the client's: the emulator implements the contract, it does not
+    share code with the client it is testing. ``DISPATCH_FAILED`` is not in the published enum but is reported
+    by the real service, so it is accepted here too.
+    """
+
+    UNKNOWN = "UNKNOWN"
+    USER_DISCONNECTED = "USER_DISCONNECTED"
+    SERVER_ERROR = "SERVER_ERROR"
+    IDLE_TIMEOUT = "IDLE_TIMEOUT"
+    NO_CREDITS = "NO_CREDITS"
+    USER_CLOSED = "USER_CLOSED"
+    AVATAR_DELETED = "AVATAR_DELETED"
+    MAX_DURATION_REACHED = "MAX_DURATION_REACHED"
+    ZOMBIE_SESSION_REAP = "ZOMBIE_SESSION_REAP"
+    AGENT_HANG_UP = "AGENT_HANG_UP"
+    DISPATCH_FAILED = "DISPATCH_FAILED"
 
 
 class VideoSettings(BaseModel):

@@ -17,12 +17,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from activities.liveavatar_client import SessionEndReason
-
 from .avatar import Avatar, AvatarJoinError
 from .config import EmulatorConfig
 from .envelope import ApiError
-from .schemas import LiveKitConfig
+from .schemas import LiveKitConfig, SessionEndReason
 
 CREDITS_PER_PERIOD = {"LITE": 1.0, "FULL": 2.0}
 
@@ -175,7 +173,7 @@ class SessionRegistry:
                 raise ApiError(500, f"Failed to start session: {exc}") from exc
             finally:
                 session.starting = False
-            if session.state == "ended":  # stopped while the avatar was joining
+            if session.end_at is not None:  # ended (stopped) while the avatar was joining
                 self._depart(avatar)
                 raise ApiError(404, "Session not found")
             session.avatar = avatar

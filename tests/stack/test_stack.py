@@ -17,24 +17,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from sandbox.stack import (
-    HOST,
-    LIVEKIT_CONFIG,
-    SEARCH_ATTRIBUTE_TYPES,
-    SEARCH_ATTRIBUTES,
-    LiveKitBuildError,
-    LocalStack,
-    ServiceSpec,
-    ServiceStartError,
-    StackPorts,
-    _pid_alive,
-    ensure_livekit_server,
-    find_temporal_cli,
-    http_probe,
-    livekit_server_path,
-    port_is_free,
-    start_service,
-)
+from sandbox.binaries import LiveKitBuildError, ensure_livekit_server, find_temporal_cli, livekit_server_path
+from sandbox.processes import HOST, ServiceSpec, ServiceStartError, http_probe, pid_alive, port_is_free, start_service
+from sandbox.stack import LIVEKIT_CONFIG, SEARCH_ATTRIBUTES, LocalStack, StackPorts
+from workflows.search_attributes import SEARCH_ATTRIBUTE_TYPES
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -129,7 +115,7 @@ def test_a_readiness_timeout_names_the_command_and_stops_the_process(tmp_path: P
     assert "sleeper did not start: not ready after 1 s" in str(error.value)
     assert "time.sleep(60)" in str(error.value)  # the command
     assert "warming up" in str(error.value)  # the log tail
-    assert not _pid_alive(int(pid_file.read_text()))
+    assert not pid_alive(int(pid_file.read_text()))
 
 
 # ---- LiveKit: loopback only
@@ -164,7 +150,7 @@ def test_livekit_runs_on_other_ports_and_stops_cleanly(tmp_path: Path) -> None:
     assert stack.env["LIVEKIT_URL"] == f"ws://127.0.0.1:{ports.livekit}"
     assert f"http://127.0.0.1:{ports.gateway}/livekit/webhook" in config
     assert f"127.0.0.1:{ports.livekit}" in listening
-    assert not _pid_alive(livekit.pid, livekit.start_time)
+    assert not pid_alive(livekit.pid, livekit.start_time)
     assert not stack.state_file.exists()
 
 
@@ -200,7 +186,7 @@ def test_up_detach_status_down(tmp_path: Path) -> None:
 
     assert status.returncode == 0 and "livekit" in status.stderr and "ready" in status.stderr, status.stderr
     assert down.returncode == 0, down.stderr
-    assert pids and not any(_pid_alive(pid) for pid in pids)
+    assert pids and not any(pid_alive(pid) for pid in pids)
     assert sandbox_cli("status", *common).returncode == 3  # nothing recorded any more
 
 

@@ -18,7 +18,7 @@ def sessionflow(*args: str) -> subprocess.CompletedProcess[str]:
 def test_no_temporal_server_is_a_clear_error() -> None:
     result = sessionflow("show", "abc-1")
     assert result.returncode == 2
-    assert "cannot reach Temporal at 127.0.0.1:9" in result.stderr and "sessionflow dev" in result.stderr
+    assert "cannot reach Temporal at 127.0.0.1:9" in result.stderr and "python -m sandbox dev" in result.stderr
     assert "Traceback" not in result.stderr
 
 

@@ -38,7 +38,7 @@ def mint(settings: Settings, role: Role | None, identity: str = "alice", ttl: ti
 
 @pytest.mark.parametrize("role", SPEAKERS, ids=str)
 def test_speaking_roles_publish_subscribe_and_send_data(settings, role):
-    claims, raw, _, _ = mint(settings, role)
+    claims, _, _, _ = mint(settings, role)
     assert claims.video is not None
     assert (claims.video.can_publish, claims.video.can_subscribe, claims.video.can_publish_data) == (True, True, True)
     assert claims.kind == "standard"

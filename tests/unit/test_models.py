@@ -149,7 +149,9 @@ def test_unknown_role_is_rejected_listing_the_valid_roles():
 
 
 @pytest.mark.parametrize(
-    "identity", ["has space", "a/b", "", ".alice", "a" * 65, "ünïcode"], ids=["space", "slash", "empty", "leading-dot", "too-long", "non-ascii"]
+    "identity",
+    ["has space", "a/b", "", ".alice", "a" * 65, "ünïcode"],
+    ids=["space", "slash", "empty", "leading-dot", "too-long", "non-ascii"],
 )
 def test_malformed_identity_is_rejected_at_its_position(identity):
     data = spec_data(participants=[person("alice"), person(identity, role="coach")])
@@ -288,7 +290,9 @@ def test_extra_fields_are_forbidden_and_located(overrides, where):
     assert kind == "extra_forbidden"
 
 
-@pytest.mark.parametrize("avatar_id", ["wayne", "DD73EA75-1218-4EF3-92CE-606D5F7FBC0A", AVATAR_ID[:-1], AVATAR_ID.replace("-", "")])
+@pytest.mark.parametrize(
+    "avatar_id", ["wayne", "DD73EA75-1218-4EF3-92CE-606D5F7FBC0A", AVATAR_ID[:-1], AVATAR_ID.replace("-", "")]
+)
 def test_avatar_id_must_be_a_lowercase_uuid(avatar_id):
     loc, kind, _ = single_rejection(SessionSpec, spec_data(avatar={"avatar_id": avatar_id}))
     assert loc == ("avatar", "avatar_id")
@@ -304,7 +308,7 @@ def test_unknown_avatar_start_policy_is_rejected():
 def test_spec_is_frozen_once_validated():
     spec = SessionSpec.model_validate(spec_data())
     with pytest.raises(ValidationError):
-        spec.session_id = "other"  # type: ignore[misc]
+        spec.session_id = "other"  # type: ignore[misc]  # the point: a frozen model refuses assignment
 
 
 # ---- extend and end requests ----------------------------------------------------------------------------------
@@ -339,7 +343,10 @@ def test_end_reason_must_be_1_to_200_chars(reason, kind):
         ({"avatar": {"avatar_id": AVATAR_ID, "when_lost": "retry"}}, ("avatar", "when_lost")),
         ({"when_participant_lost": "ignore"}, ("when_participant_lost",)),
     ],
-    ids=["grace-over-30min", "grace-negative", "replacements-over-10", "avatar-session-under-2min", "bad-when-lost", "bad-participant-policy"],
+    ids=[
+        "grace-over-30min", "grace-negative", "replacements-over-10", "avatar-session-under-2min", "bad-when-lost",
+        "bad-participant-policy",
+    ],
 )
 def test_recovery_settings_out_of_range_are_rejected_and_located(overrides, where):
     loc, _, _ = single_rejection(SessionSpec, spec_data(**overrides))

@@ -28,7 +28,7 @@ def test_a_uuid_becomes_an_exact_match_on_the_attribute_the_workflow_records(ava
 
 
 def test_the_attribute_name_is_the_one_the_session_workflow_upserts() -> None:
-    assert AVATAR_SESSION_ID_ATTRIBUTE == AVATAR_SESSION_ID.name
+    assert AVATAR_SESSION_ID.name == AVATAR_SESSION_ID_ATTRIBUTE
 
 
 @pytest.mark.parametrize(
@@ -56,7 +56,7 @@ def test_anything_but_a_uuid_is_refused_and_never_reaches_a_query(hostile: str) 
 
 def test_a_non_string_id_is_refused() -> None:
     with pytest.raises(SuspiciousId):
-        avatar_owner_query(uuid.uuid4())  # type: ignore[arg-type]
+        avatar_owner_query(uuid.uuid4())  # type: ignore[arg-type]  # the point: only a str id is accepted
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""`sessionflow demo`: one scripted AI-avatar interview on the embedded local stack, start to finish.
+"""`python -m sandbox demo` (`make demo`): one scripted AI-avatar interview on the embedded local stack, start to finish.
 
 Starts the stack (Temporal dev server, LiveKit server, LiveAvatar emulator, gateway) unless one is already up,
 runs a worker in this process, and then: a candidate (a real LiveKit participant, publishing synthetic
@@ -13,24 +13,26 @@ import asyncio
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
 from livekit import api, rtc
 from rich.console import Console
 
 from activities.liveavatar_client import LiveAvatarClient
+from config.settings import DEFAULT_AVATAR_ID, Settings
 from sandbox.media import join_room
 from sandbox.stack import LocalStack
 from starters.client import SessionClient
 from starters.timeline import render, timeline
-from config.settings import DEFAULT_AVATAR_ID, Settings
 from workers.temporal import connect
 from workers.worker import build_worker
 from workflows.models import SessionSpec, avatar_identity_prefix
 
 console = Console(highlight=False)
+T = TypeVar("T")
 
 
 @dataclass
@@ -44,7 +46,7 @@ class DemoResult:
 
 @asynccontextmanager
 async def local_stack() -> AsyncIterator[None]:
-    """Reuse a healthy stack that is already up (`sessionflow dev`), else start one for the demo's lifetime."""
+    """Reuse a healthy stack that is already up (`python -m sandbox dev`), else start one for the demo's lifetime."""
     running = LocalStack.attach()
     if running is not None and running.healthy():
         console.print("[dim]using the local stack that is already running[/dim]")
@@ -58,7 +60,7 @@ async def local_stack() -> AsyncIterator[None]:
         yield
 
 
-async def wait_for(what: str, check, timeout: float = 30.0, every: float = 0.2):  # type: ignore[no-untyped-def]
+async def wait_for(what: str, check: Callable[[], Awaitable[T]], timeout: float = 30.0, every: float = 0.2) -> T:
     """Poll `check()` until it returns something truthy; fail with `what` after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while True:
@@ -164,11 +166,8 @@ async def demo() -> int:
             f"[bold green]every resource released[/bold green]: 0 rooms, 0 avatar sessions left "
             f"(session ready in {result.ready_seconds * 1000:.0f} ms)"
         )
-        console.print("[dim]stack stopped; start it again with `sessionflow dev` to browse the Temporal UI[/dim]")
+        console.print("[dim]stack stopped; start it again with `python -m sandbox dev` to browse the Temporal UI[/dim]")
     else:
         console.print(f"[bold red]LEAK[/bold red]: {result.leaked_rooms} room(s), {result.leaked_avatars} avatar session(s) left")
     return 0 if clean else 1
 
-
-def main() -> int:
-    return asyncio.run(demo())
