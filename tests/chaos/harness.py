@@ -39,12 +39,12 @@ from temporalio.client import WorkflowExecutionStatus
 from temporalio.service import RPCError
 
 from activities.avatar import KEEPALIVE_EVERY
+from config.settings import DEFAULT_AVATAR_ID, Settings
 from sandbox.media import join_room
 from sandbox.stack import REPO_ROOT, SERVICE_NAMES, LocalStack, StackPorts
 from starters.client import SessionClient
-from tests.integration.conftest import eventually
-from tests.integration.test_session_e2e import interview
-from config.settings import DEFAULT_AVATAR_ID, Settings
+from tests.support.polling import eventually
+from tests.support.specs import interview
 from workflows.models import AvatarStart, SessionSpec, SessionState
 
 PORT_OFFSET = int(os.environ.get("SESSIONFLOW_CHAOS_PORT_OFFSET", "500"))
@@ -141,7 +141,7 @@ class WorkerPool:
                 pytest.fail(f"worker {n} exited with {popen.returncode} while starting; log {log_path}:\n{tail}")
             return "worker started" in log_path.read_text(errors="replace")
 
-        await eventually(f"worker {n} (pid {popen.pid}) to log 'worker started' ({log_path})", started, 30)
+        await eventually(started, what=f"worker {n} (pid {popen.pid}) to log 'worker started' ({log_path})", timeout=30)
         return worker
 
     async def ensure(self, count: int = WORKERS) -> None:
@@ -278,7 +278,7 @@ class Scenario:
                 return None
             return state if ok(state) else None
 
-        return await eventually(f"{spec.session_id}: {what}", check, timeout, every=0.5)
+        return await eventually(check, what=f"{spec.session_id}: {what}", timeout=timeout, every=0.5)
 
     async def live_with_avatar(self, spec: SessionSpec, timeout: float = 45) -> SessionState:
         return await self.state_when(
@@ -301,7 +301,7 @@ class Scenario:
             return None
 
         where = f" on a worker other than {not_on}" if not_on else ""
-        return await eventually(f"{spec.session_id}: {activity} running{where}", check, timeout, every=0.2)
+        return await eventually(check, what=f"{spec.session_id}: {activity} running{where}", timeout=timeout, every=0.2)
 
     async def kill_worker_running(self, spec: SessionSpec, activity: str) -> str:
         """kill -9 the worker that runs ``activity`` of the session, then start a replacement. Its identity."""
@@ -396,8 +396,8 @@ class Scenario:
             outcomes = await asyncio.gather(*(self.outcome(sid) for sid in self.specs))
             return all(o != "running" for o in outcomes)
 
-        with contextlib.suppress(pytest.fail.Exception):
-            await eventually("every session released and closed", done, timeout, every=0.5)
+        with contextlib.suppress(AssertionError):  # eventually() now raises AssertionError (judged in the next commit)
+            await eventually(done, what="every session released and closed", timeout=timeout, every=0.5)
         await self._judge()
         self._settled = True
         problems = self.result.problems

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from tests.chaos.harness import IDLE_TIMEOUT_S, Scenario
-from tests.integration.conftest import eventually
+from tests.support.polling import eventually
 from workflows.models import SessionSpec, SessionState, SessionStatus
 
 
@@ -59,8 +59,9 @@ async def test_avatar_idle_expiry_while_no_worker_runs(chaos: Scenario) -> None:
         await chaos.workers.kill9(worker)
     chaos.vendor_end_ok[expired] = "IDLE_TIMEOUT"  # the fault under test, not a leak of ours
     await eventually(
-        f"the emulator to end avatar {expired} with IDLE_TIMEOUT (idle timeout {IDLE_TIMEOUT_S:.0f} s)",
-        lambda: _avatar_ended(chaos, expired, "IDLE_TIMEOUT"), IDLE_TIMEOUT_S + 20, every=1,
+        lambda: _avatar_ended(chaos, expired, "IDLE_TIMEOUT"),
+        what=f"the emulator to end avatar {expired} with IDLE_TIMEOUT (idle timeout {IDLE_TIMEOUT_S:.0f} s)",
+        timeout=IDLE_TIMEOUT_S + 20, every=1,
     )
     await chaos.workers.ensure()
     await recovered_or_fell_back(chaos, spec, expired)
@@ -79,8 +80,8 @@ async def recovered_or_fell_back(chaos: Scenario, spec: SessionSpec, lost: str) 
 
     state = await chaos.state_when(spec, f"notice that avatar {lost} is gone (recover or degrade)", noticed, 45)
     chaos.note(f"after losing {lost}: status={state.status}, avatar={state.avatar_session_id}, detail={state.end_detail}")
-    await eventually(f"the lost avatar session {lost} to be released while the session lives",
-                     lambda: _avatar_not_active(chaos, lost), 30, every=0.5)
+    await eventually(lambda: _avatar_not_active(chaos, lost), what=f"the lost avatar session {lost} to be released while the session lives",
+                     timeout=30, every=0.5)
     return state
 
 

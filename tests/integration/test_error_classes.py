@@ -19,8 +19,8 @@ from temporalio.testing import ActivityEnvironment
 from activities.avatar import AvatarActivities
 from activities.livekit import LiveKitActivities
 from activities.liveavatar_client import LiveAvatarClient
-from tests.integration.conftest import room_names
 from config.settings import DEFAULT_AVATAR_ID, Settings
+from tests.support.livekit import room_names
 from workflows.models import (
     AvatarRef,
     AvatarSpec,
@@ -106,7 +106,7 @@ async def faults(stack: Settings) -> AsyncIterator[httpx.AsyncClient]:
     """The emulator's control API; every fault is cleared after the test."""
     async with httpx.AsyncClient(base_url=f"{stack.liveavatar_api_url}/_control") as control:
         yield control
-        await control.post("/reset", json={})
+        (await control.post("/reset", json={})).raise_for_status()  # a fault left armed would break the next test
 
 
 def avatar_input(stack: Settings) -> CreateAvatarInput:
