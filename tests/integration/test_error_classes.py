@@ -17,8 +17,8 @@ from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
 from activities.avatar import AvatarActivities
-from activities.livekit import LiveKitActivities
 from activities.liveavatar_client import LiveAvatarClient
+from activities.livekit import LiveKitActivities
 from config.settings import DEFAULT_AVATAR_ID, Settings
 from tests.support.livekit import room_names
 from workflows.models import (
@@ -76,7 +76,9 @@ async def test_livekit_calls_are_bounded_by_our_own_timeout(stack: Settings) -> 
 
 async def test_livekit_invalid_request_is_final(stack: Settings) -> None:
     lk = LiveKitActivities(stack)
-    err = await raises_app_error(lk.create_room, room_input("session-" + "x" * 300), type_="LiveKit_invalid_argument", retryable=False)
+    err = await raises_app_error(
+        lk.create_room, room_input("session-" + "x" * 300), type_="LiveKit_invalid_argument", retryable=False
+    )
     assert "400" in err.message
 
 
