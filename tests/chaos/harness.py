@@ -11,7 +11,8 @@
 
 Every wait is bounded and names what it waited for; ``Scenario.close`` always restores the stack (resumes paused
 services, restarts killed ones, clears emulator faults, refills the worker pool) and force-releases whatever a
-failed scenario left behind, so one failure does not bleed into the next scenario.
+failed scenario left behind, so one failure does not bleed into the next scenario. Those teardown steps go on past a
+failure of one of them, but every failure is recorded and ``close`` then fails naming what it could not restore.
 """
 
 from __future__ import annotations
@@ -31,20 +32,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import httpx
 import pytest
 from livekit import api, rtc
 from temporalio.api.enums.v1 import PendingActivityState
 from temporalio.client import WorkflowExecutionStatus
-from temporalio.service import RPCError
+from temporalio.service import RPCError, RPCStatusCode
 
 from activities.avatar import KEEPALIVE_EVERY
+from config.settings import DEFAULT_AVATAR_ID, Settings
 from sandbox.media import join_room
 from sandbox.stack import REPO_ROOT, SERVICE_NAMES, LocalStack, StackPorts
 from starters.client import SessionClient
-from tests.integration.conftest import eventually
-from tests.integration.test_session_e2e import interview
-from config.settings import DEFAULT_AVATAR_ID, Settings
+from tests.support.polling import eventually
+from tests.support.specs import interview
 from workflows.models import AvatarStart, SessionSpec, SessionState
 
 PORT_OFFSET = int(os.environ.get("SESSIONFLOW_CHAOS_PORT_OFFSET", "500"))
@@ -65,6 +67,9 @@ STACK_ENV = {
 # How LiveAvatar says "stopped by the API caller": anything else on a session we held was the vendor cleaning up.
 RELEASED_BY_US = "USER_CLOSED"
 POLL_S = 0.25
+# What a service that is down, paused or restarting answers (LiveKit's server API is aiohttp, the emulator httpx).
+LIVEKIT_DOWN = (aiohttp.ClientError, OSError, TimeoutError, api.ServerError)
+EMULATOR_DOWN = (httpx.HTTPError,)
 SUMMARY_FILE = REPO_ROOT / ".sessionflow" / "chaos-summary.md"
 
 
@@ -141,7 +146,7 @@ class WorkerPool:
                 pytest.fail(f"worker {n} exited with {popen.returncode} while starting; log {log_path}:\n{tail}")
             return "worker started" in log_path.read_text(errors="replace")
 
-        await eventually(f"worker {n} (pid {popen.pid}) to log 'worker started' ({log_path})", started, 30)
+        await eventually(started, what=f"worker {n} (pid {popen.pid}) to log 'worker started' ({log_path})", timeout=30)
         return worker
 
     async def ensure(self, count: int = WORKERS) -> None:
@@ -156,7 +161,7 @@ class WorkerPool:
 
     async def kill9(self, worker: WorkerProc) -> None:
         """SIGKILL: no graceful shutdown, no activity cancellation, no goodbye to Temporal."""
-        with contextlib.suppress(ProcessLookupError):
+        with contextlib.suppress(ProcessLookupError):  # it already died: the wait below still reaps it
             os.killpg(worker.popen.pid, signal.SIGKILL)
         await bounded(f"worker {worker.n} to die after SIGKILL", asyncio.to_thread(worker.popen.wait), 10)
         self.kills += 1
@@ -164,13 +169,13 @@ class WorkerPool:
     def stop_all(self) -> None:
         """SIGTERM (graceful hand-over), then SIGKILL whatever is still there after 15 s."""
         for w in self.alive:
-            with contextlib.suppress(ProcessLookupError):
+            with contextlib.suppress(ProcessLookupError):  # exited since `alive` looked
                 os.killpg(w.popen.pid, signal.SIGTERM)
         deadline = time.monotonic() + 15
         for w in self.procs:
-            with contextlib.suppress(subprocess.TimeoutExpired):
+            with contextlib.suppress(subprocess.TimeoutExpired):  # not gone after SIGTERM: the SIGKILL below
                 w.popen.wait(max(deadline - time.monotonic(), 0.1))
-            with contextlib.suppress(ProcessLookupError):
+            with contextlib.suppress(ProcessLookupError):  # its group is already gone
                 os.killpg(w.popen.pid, signal.SIGKILL)
             w.popen.wait()
 
@@ -183,6 +188,7 @@ class WorkerPool:
 class Snapshot:
     rooms: set[str] | None  # None: LiveKit did not answer
     avatars: list[dict[str, Any]] | None  # every emulator session (control view); None: no answer
+    errors: list[str] = field(default_factory=list)  # why a service did not answer
 
     def active_avatars(self, room: str) -> list[dict[str, Any]]:
         return [a for a in self.avatars or [] if a["livekit_room"] == room and a["state"] == "active"]
@@ -210,6 +216,8 @@ class ScenarioResult:
 
 
 RESULTS: list[ScenarioResult] = []
+# The fields of a session's state that a failed wait shows.
+_STATE_SHOWN = {"status", "avatar_session_id", "avatar_present", "avatar_fallback", "recoveries", "end_detail"}
 
 _STATUS_NAMES = {
     WorkflowExecutionStatus.TERMINATED: "terminated",
@@ -251,7 +259,8 @@ class Scenario:
 
     def spec(self, *, immediately: bool = False, avatar: bool = True, **overrides: Any) -> SessionSpec:
         slug = "".join(c for c in self.name.lower() if c.isalnum())[:20]
-        avatar_spec = {"avatar_id": DEFAULT_AVATAR_ID, "start": (AvatarStart.IMMEDIATELY if immediately else AvatarStart.ON_FIRST_JOIN).value}
+        start = AvatarStart.IMMEDIATELY if immediately else AvatarStart.ON_FIRST_JOIN
+        avatar_spec = {"avatar_id": DEFAULT_AVATAR_ID, "start": start.value}
         spec = interview(session_id=f"cx-{slug}-{uuid.uuid4().hex[:6]}", avatar=avatar_spec if avatar else None, **overrides)
         self.specs[spec.session_id] = spec
         self.result.sessions = len(self.specs)
@@ -271,14 +280,19 @@ class Scenario:
     async def state_when(
         self, spec: SessionSpec, what: str, ok: Callable[[SessionState], bool], timeout: float = 45
     ) -> SessionState:
+        seen: list[SessionState] = []
+
         async def check() -> SessionState | None:
-            try:
-                state = await self.client.state(spec.session_id)
-            except RPCError:  # e.g. a query while the dev server restarts
-                return None
+            state = await self.client.state(spec.session_id)
+            seen[:] = [state]
             return state if ok(state) else None
 
-        return await eventually(f"{spec.session_id}: {what}", check, timeout, every=0.5)
+        try:
+            # An RPCError (e.g. a query while the dev server restarts) means "not yet", and is named if it was the last.
+            return await eventually(check, what=f"{spec.session_id}: {what}", timeout=timeout, every=0.5, retry_on=(RPCError,))
+        except AssertionError as e:
+            last = seen[-1].model_dump(include=_STATE_SHOWN) if seen else None
+            raise AssertionError(f"{e}; last state seen: {last}") from None
 
     async def live_with_avatar(self, spec: SessionSpec, timeout: float = 45) -> SessionState:
         return await self.state_when(
@@ -301,7 +315,7 @@ class Scenario:
             return None
 
         where = f" on a worker other than {not_on}" if not_on else ""
-        return await eventually(f"{spec.session_id}: {activity} running{where}", check, timeout, every=0.2)
+        return await eventually(check, what=f"{spec.session_id}: {activity} running{where}", timeout=timeout, every=0.2)
 
     async def kill_worker_running(self, spec: SessionSpec, activity: str) -> str:
         """kill -9 the worker that runs ``activity`` of the session, then start a replacement. Its identity."""
@@ -350,19 +364,27 @@ class Scenario:
     # ---- the world
 
     async def snapshot(self) -> Snapshot:
+        """What LiveKit and the emulator hold now. A service that is down (the fault under test, often) reads as None
+        with the reason in ``errors``; any other exception is a harness or service bug and propagates."""
         rooms: set[str] | None = None
         avatars: list[dict[str, Any]] | None = None
-        with contextlib.suppress(Exception):
+        errors: list[str] = []
+        try:
             async with asyncio.timeout(3):
                 rooms = {r.name for r in (await self.lk.room.list_rooms(api.ListRoomsRequest())).rooms}
-        with contextlib.suppress(Exception):
+        except LIVEKIT_DOWN as e:
+            errors.append(f"LiveKit ListRooms: {e!r}")
+        try:
             response = await self.http.get("/_control/sessions")
+            response.raise_for_status()
             avatars = response.json()["data"]["sessions"]
-        return Snapshot(rooms, avatars)
+        except EMULATOR_DOWN as e:
+            errors.append(f"emulator GET /_control/sessions: {e!r}")
+        return Snapshot(rooms, avatars, errors)
 
     async def _watch(self) -> None:
         """Note every room seen (so a release is never judged on a room the harness could not see), and
-        timestamp the moment each ended session's last resource is gone."""
+        timestamp the moment each ended session's last resource is gone. If it dies, ``watcher_ok`` says why."""
         while True:
             if self.specs:
                 snap = await self.snapshot()
@@ -372,7 +394,14 @@ class Scenario:
                         self.rooms_seen.add(sid)
                     if sid in self.ended_at and sid not in self.released_at and snap.holds(spec.room_name) is False:
                         self.released_at[sid] = now
-            await asyncio.sleep(POLL_S)
+            await asyncio.sleep(POLL_S)  # the sampling period of a background recorder, not a wait for a condition
+
+    def watcher_ok(self) -> bool:
+        """True while the watcher runs; re-raises what killed it (its release times would silently stop)."""
+        if self._watcher.done() and not self._watcher.cancelled():
+            self._watcher.result()
+            raise AssertionError("the harness's world watcher stopped")
+        return True
 
     async def outcome(self, session_id: str) -> str:
         handle = self.client.handle(session_id)
@@ -391,16 +420,23 @@ class Scenario:
         assert not unended, f"scenario bug: sessions never ended or terminated: {unended}"
 
         async def done() -> bool:
-            if set(self.released_at) != set(self.specs):
+            if not self.watcher_ok() or set(self.released_at) != set(self.specs):
                 return False
             outcomes = await asyncio.gather(*(self.outcome(sid) for sid in self.specs))
             return all(o != "running" for o in outcomes)
 
-        with contextlib.suppress(pytest.fail.Exception):
-            await eventually("every session released and closed", done, timeout, every=0.5)
+        try:
+            await eventually(done, what="every session released and closed", timeout=timeout, every=0.5)
+            timed_out = None
+        except AssertionError as e:  # not a pass: the judge names what is left, and the timeout is added to its problems
+            timed_out = str(e)
         await self._judge()
         self._settled = True
         problems = self.result.problems
+        if timed_out and problems:
+            problems.append(timed_out)
+        elif timed_out:  # e.g. the watcher missed the release although the world is clean now: still a failure
+            problems.append(f"{timed_out}; the world looks clean now, but no release was seen in time")
         assert not problems, f"{self.name}: " + "; ".join(problems)
         return self.result
 
@@ -409,7 +445,7 @@ class Scenario:
         snap = await self.snapshot()
         r.problems.clear()
         if snap.rooms is None or snap.avatars is None:
-            r.problems.append("could not read the world (LiveKit or the emulator did not answer)")
+            r.problems.append(f"could not read the world: {'; '.join(snap.errors)}")
         for sid, spec in self.specs.items():
             got, want = await self.outcome(sid), self.expected.get(sid, "ended by the scenario (it failed first)")
             if got != want:
@@ -446,24 +482,41 @@ class Scenario:
     # ---- always: put the world back
 
     async def close(self) -> None:
+        """Put the world back for the next scenario. Each step runs even if an earlier one failed; every failure is
+        recorded in the scenario's problems and, at the end, fails the test naming what could not be restored."""
+        failures: list[str] = []
+
+        async def step(what: str, aw: Awaitable[Any]) -> None:
+            try:
+                await aw
+            except (Exception, pytest.fail.Exception) as e:
+                failures.append(f"{what}: {e!r}")
+
         self.result.duration_s = round(time.monotonic() - self._started, 1)
-        if not self._settled:  # the scenario failed before judging: record what it left, then clean up
+        if not self._settled:  # the scenario failed before judging: record what it left (for the summary), then clean up
             for sid in self.specs:
                 self.ended_at.setdefault(sid, time.monotonic())
-            with contextlib.suppress(Exception, pytest.fail.Exception):
-                await self.restore()
-                await self._judge()
+            await step("restore the stack before judging a failed scenario", self.restore())
+            await step("judge the world after a failed scenario", self._judge())
         RESULTS.append(self.result)
         self._watcher.cancel()
-        await self.restore()
+        await step("restore the stack", self.restore())
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, self._watcher, return_exceptions=True)
-        await self._force_release()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self._exit.aclose(), 20)  # the participants leave
+        ended = await asyncio.gather(*self._tasks, return_exceptions=True)
+        for result in ended:  # an `end` the scenario started but never awaited must not fail unseen
+            if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
+                failures.append(f"an end update started by the scenario failed: {result!r}")
+        watched = (await asyncio.gather(self._watcher, return_exceptions=True))[0]
+        if isinstance(watched, BaseException) and not isinstance(watched, asyncio.CancelledError):
+            failures.append(f"the world watcher died: {watched!r}")
+        await step("force-release what the scenario left", self._force_release(failures))
+        await step("the participants leave", asyncio.wait_for(self._exit.aclose(), 20))
         await self.lk.aclose()
         await self.http.aclose()
+        if failures:
+            self.result.problems.extend(f"teardown: {f}" for f in failures)
+            raise AssertionError(f"{self.name}: teardown could not restore everything: " + "; ".join(failures))
 
     async def restore(self) -> None:
         for name in SERVICE_NAMES:
@@ -475,19 +528,30 @@ class Scenario:
         await self.emulator("reset")
         await self.workers.ensure()
 
-    async def _force_release(self) -> None:
-        """Terminate what still runs, delete rooms and stop avatars the scenario left: the next one starts clean."""
+    async def _force_release(self, failures: list[str]) -> None:
+        """Terminate what still runs, delete rooms and stop avatars the scenario left: the next one starts clean.
+        Goes on past a failure, recording it in ``failures``."""
         for sid in self.specs:
-            with contextlib.suppress(Exception):
+            try:
                 await self.client.handle(sid).terminate(reason="chaos: scenario teardown")
+            except RPCError as e:
+                if e.status is not RPCStatusCode.NOT_FOUND:  # not found: already closed, which is the point
+                    failures.append(f"terminate {sid}: {e!r}")
         snap = await self.snapshot()
+        if snap.errors:
+            failures.append(f"could not see what to release: {'; '.join(snap.errors)}")
         for spec in self.specs.values():
             if spec.room_name in (snap.rooms or set()):
-                with contextlib.suppress(Exception):
+                try:
                     await self.lk.room.delete_room(api.DeleteRoomRequest(room=spec.room_name))
+                except LIVEKIT_DOWN as e:
+                    if not (isinstance(e, api.ServerError) and e.code == "not_found"):
+                        failures.append(f"delete room {spec.room_name}: {e!r}")
             for a in snap.active_avatars(spec.room_name):
-                with contextlib.suppress(Exception):
+                try:
                     await self.emulator(f"sessions/{a['id']}/end", {"reason": RELEASED_BY_US})
+                except EMULATOR_DOWN as e:
+                    failures.append(f"end avatar session {a['id']}: {e!r}")
 
 
 # ---------------------------------------------------------------------------------------------------------------

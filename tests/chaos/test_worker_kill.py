@@ -13,11 +13,14 @@ HELD_S = 8  # how long the fault holds the step in flight: long enough to kill t
 async def test_kill9_while_live(chaos: Scenario) -> None:
     spec = chaos.spec()
     await chaos.join_human(spec)
-    await chaos.live_with_avatar(spec)
+    before = await chaos.live_with_avatar(spec)
     killed = await chaos.kill_worker_running(spec, "keep_avatar_alive")
     # The keep-alive (heartbeat timeout 10 s) moves to a surviving worker: the avatar stays kept alive.
     await chaos.in_flight(spec, "keep_avatar_alive", timeout=30, not_on=killed)
-    await chaos.live_with_avatar(spec, timeout=10)
+    after = await chaos.live_with_avatar(spec, timeout=10)
+    assert after.avatar_session_id == before.avatar_session_id and after.recoveries == [], (
+        f"the kill cost the avatar: {before.avatar_session_id} -> {after.avatar_session_id}, recoveries {after.recoveries}"
+    )
     await chaos.end(spec)
     await chaos.settle()
 
@@ -43,13 +46,15 @@ async def test_kill9_during_avatar_start(chaos: Scenario) -> None:
     await chaos.emulator("latency", {"endpoint": "start", "seconds": HELD_S})
     await chaos.join_human(spec)
     await chaos.kill_worker_running(spec, "start_avatar_session")
+    being_started = (await chaos.client.state(spec.session_id)).avatar_session_id  # recorded before the start call
     await chaos.emulator("reset")
-    # start_avatar_session has no heartbeat: the retry comes after its start_to_close (60 s).
-    state = await chaos.state_when(
-        spec, "the avatar start settled (avatar present, or the session gave up on it)",
-        lambda s: s.avatar_present or s.end_detail is not None, timeout=90,
+    # The retried start (on another worker, after the heartbeat or start-to-close timeout) finds the session started:
+    # the same avatar session serves, with no replacement and no fallback.
+    state = await chaos.live_with_avatar(spec, timeout=90)
+    chaos.note(f"after the kill: avatar {state.avatar_session_id} (being started: {being_started}), status={state.status}")
+    assert being_started is not None and state.avatar_session_id == being_started and state.recoveries == [], (
+        f"the kill during the start cost the avatar: {being_started} -> {state.avatar_session_id}, {state.recoveries}"
     )
-    chaos.note(f"after the kill: avatar_present={state.avatar_present}, status={state.status}, detail={state.end_detail}")
     await chaos.end(spec)
     await chaos.settle()
 

@@ -10,7 +10,9 @@ import asyncio
 
 from livekit import rtc
 
-from .conftest import AUDIO_AND_VIDEO, Emulator, EmulatorFactory, LiveKit, eventually, observer, subscribed_kinds
+from tests.support.emulator import Emulator, EmulatorFactory
+from tests.support.livekit import AUDIO_AND_VIDEO, LiveKit, observer, subscribed_kinds
+from tests.support.polling import eventually
 
 
 async def _frames_arrive(track: rtc.Track) -> None:
@@ -34,7 +36,7 @@ async def test_avatar_joins_publishes_and_leaves_on_stop(emulator: Emulator, liv
         assert "avatar-under-test" in await livekit.identities(room)
         await eventually(
             lambda: subscribed_kinds(viewer, "avatar-under-test") == AUDIO_AND_VIDEO,
-            what="the observer to receive the avatar's audio and video tracks",
+            timeout=10, what="the observer to receive the avatar's audio and video tracks",
         )
         avatar = next(p for p in viewer.remote_participants.values() if p.identity == "avatar-under-test")
         for publication in avatar.track_publications.values():
@@ -46,7 +48,7 @@ async def test_avatar_joins_publishes_and_leaves_on_stop(emulator: Emulator, liv
         assert stop.status_code == 200
         await eventually(
             lambda: "avatar-under-test" not in {p.identity for p in viewer.remote_participants.values()},
-            what="the avatar to leave the room after stop",
+            timeout=10, what="the avatar to leave the room after stop",
         )
     assert "avatar-under-test" not in await livekit.identities(room)
     assert (await emulator.entry(session.id))["end_reason"] == "USER_CLOSED"
@@ -81,7 +83,7 @@ async def test_idle_timeout_ends_the_session_and_the_avatar_leaves(
     kept = await emulator.started_session()
     for _ in range(4):  # keep-alives hold one session past its idle timeout, the other one idles out
         assert (await emulator.http.post("/v1/sessions/keep-alive", headers=kept.bearer, json={})).status_code == 200
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(0.5)  # the keep-alive cadence; 4 rounds = 2 s, longer than the idle timeout under test
     entry = await emulator.wait_ended(session.id)
     assert entry["end_reason"] == "IDLE_TIMEOUT"
     assert "end_at" not in await emulator.entry(kept.id)
@@ -89,7 +91,7 @@ async def test_idle_timeout_ends_the_session_and_the_avatar_leaves(
     async def avatar_gone() -> bool:
         return session.avatar_identity not in await livekit.identities(room)
 
-    await eventually(avatar_gone, what="the idle avatar to leave the room")
+    await eventually(avatar_gone, timeout=10, what="the idle avatar to leave the room")
 
 
 async def test_max_duration_and_sandbox_length_end_with_max_duration_reached(
@@ -106,7 +108,7 @@ async def test_max_duration_and_sandbox_length_end_with_max_duration_reached(
     async def avatar_gone() -> bool:
         return limited.avatar_identity not in await livekit.identities(room)
 
-    await eventually(avatar_gone, what="the avatar to leave at max duration")
+    await eventually(avatar_gone, timeout=10, what="the avatar to leave at max duration")
 
 
 async def test_avatar_left_alone_is_reaped_as_a_zombie(

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 from config.settings import DEFAULT_AVATAR_ID
-
-from .conftest import TEST_API_KEY, Emulator, EmulatorFactory, eventually
+from tests.support.emulator import TEST_API_KEY, Emulator, EmulatorFactory
+from tests.support.polling import eventually
 
 LIVEKIT_CONFIG = {"livekit_url": "ws://127.0.0.1:7880", "livekit_room": "r", "livekit_client_token": "t"}
 
@@ -355,7 +355,7 @@ async def test_credits_are_escrowed_on_start_and_billed_per_period(emulator_fact
 
 async def _at_window_start() -> None:
     """Align with the start of a 1-second window so a burst of calls lands in one window."""
-    await asyncio.sleep(1.0 - time.time() % 1.0 + 0.01)
+    await asyncio.sleep(1.0 - time.time() % 1.0 + 0.01)  # a wall-clock boundary, not a condition to poll
 
 
 async def test_rate_limit_is_per_caller_and_endpoint_in_fixed_windows(emulator_factory: EmulatorFactory) -> None:

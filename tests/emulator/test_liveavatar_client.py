@@ -28,8 +28,8 @@ from activities.liveavatar_client import (
     StopOutcome,
 )
 from config.settings import DEFAULT_AVATAR_ID
-
-from .conftest import TEST_API_KEY, Emulator, EmulatorFactory, LiveKit
+from tests.support.emulator import TEST_API_KEY, Emulator, EmulatorFactory
+from tests.support.livekit import LiveKit
 
 
 @pytest.fixture

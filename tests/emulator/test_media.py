@@ -5,8 +5,8 @@ from __future__ import annotations
 from livekit import rtc
 
 from sandbox.media import AUDIO_TRACK_NAME, VIDEO_TRACK_NAME, SyntheticMedia, join_room
-
-from .conftest import AUDIO_AND_VIDEO, LiveKit, eventually, observer, subscribed_kinds
+from tests.support.livekit import AUDIO_AND_VIDEO, LiveKit, observer, subscribed_kinds
+from tests.support.polling import eventually
 
 
 def _present(viewer: rtc.Room, identity: str) -> bool:
@@ -23,14 +23,16 @@ async def test_synthetic_media_publishes_unpublishes_and_leaves(livekit: LiveKit
                 assert names == {VIDEO_TRACK_NAME, AUDIO_TRACK_NAME}
                 await eventually(
                     lambda: subscribed_kinds(viewer, "candidate") == AUDIO_AND_VIDEO,
-                    what="the observer to receive the candidate's synthetic tracks",
+                    timeout=10, what="the observer to receive the candidate's synthetic tracks",
                 )
             assert media.track_sids == []
             await eventually(
                 lambda: subscribed_kinds(viewer, "candidate") == set(),
-                what="the tracks to be unpublished while the candidate stays connected",
+                timeout=10, what="the tracks to be unpublished while the candidate stays connected",
             )
             assert candidate.isconnected() and _present(viewer, "candidate")
             await media.stop()  # idempotent
         assert not candidate.isconnected()
-        await eventually(lambda: not _present(viewer, "candidate"), what="the candidate to leave the room")
+        await eventually(
+            lambda: not _present(viewer, "candidate"), timeout=10, what="the candidate to leave the room"
+        )

@@ -6,26 +6,20 @@ gets a worker of its own on a fresh task queue, running in this process.
 from __future__ import annotations
 
 import asyncio
-import os
-import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
-from typing import TypeVar
+from collections.abc import AsyncIterator
 
 import httpx
 import pytest
 from livekit import api
-from temporalio.client import Client, WorkflowHandle
+from temporalio.client import Client
 
 from activities.liveavatar_client import LiveAvatarClient
-from starters.client import SessionClient
 from config.settings import Settings
+from starters.client import SessionClient
 from workers.temporal import connect
 from workers.worker import build_worker
 
-T = TypeVar("T")
-HISTORIES = Path(__file__).parent.parent / "replay" / "histories"
 NOT_RUNNING = (
     "the local stack is not running ({what}). Run the tests with `make test`, which starts it, "
     "or start it with `python -m sandbox up` (needs `make install` and Go >= 1.26 to build the LiveKit server)"
@@ -83,29 +77,3 @@ async def livekit(stack: Settings) -> AsyncIterator[api.LiveKitAPI]:
 async def liveavatar(stack: Settings) -> AsyncIterator[LiveAvatarClient]:
     async with LiveAvatarClient(stack.liveavatar_api_url, stack.liveavatar_api_key.get_secret_value()) as client:
         yield client
-
-
-async def eventually(what: str, check: Callable[[], Awaitable[T]], timeout: float = 30.0, every: float = 0.2) -> T:
-    """Poll `check` until it returns something truthy; fail naming `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    last: T | None = None
-    while time.monotonic() < deadline:
-        last = await check()
-        if last:
-            return last
-        await asyncio.sleep(every)
-    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})")
-
-
-async def room_names(livekit: api.LiveKitAPI, *names: str) -> list[str]:
-    return [r.name for r in (await livekit.room.list_rooms(api.ListRoomsRequest(names=list(names)))).rooms]
-
-
-async def record_history(handle: WorkflowHandle, name: str) -> None:  # type: ignore[type-arg]
-    """With SESSIONFLOW_RECORD_HISTORIES set (`make record-histories`), keep this closed session's history
-    as a replay fixture."""
-    if not os.environ.get("SESSIONFLOW_RECORD_HISTORIES"):
-        return
-    history = await handle.fetch_history()
-    HISTORIES.mkdir(parents=True, exist_ok=True)
-    (HISTORIES / f"{name}.json").write_text(history.to_json())

@@ -17,10 +17,10 @@ from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
 from activities.avatar import AvatarActivities
-from activities.livekit import LiveKitActivities
 from activities.liveavatar_client import LiveAvatarClient
-from tests.integration.conftest import room_names
+from activities.livekit import LiveKitActivities
 from config.settings import DEFAULT_AVATAR_ID, Settings
+from tests.support.livekit import room_names
 from workflows.models import (
     AvatarRef,
     AvatarSpec,
@@ -76,7 +76,9 @@ async def test_livekit_calls_are_bounded_by_our_own_timeout(stack: Settings) -> 
 
 async def test_livekit_invalid_request_is_final(stack: Settings) -> None:
     lk = LiveKitActivities(stack)
-    err = await raises_app_error(lk.create_room, room_input("session-" + "x" * 300), type_="LiveKit_invalid_argument", retryable=False)
+    err = await raises_app_error(
+        lk.create_room, room_input("session-" + "x" * 300), type_="LiveKit_invalid_argument", retryable=False
+    )
     assert "400" in err.message
 
 
@@ -106,7 +108,7 @@ async def faults(stack: Settings) -> AsyncIterator[httpx.AsyncClient]:
     """The emulator's control API; every fault is cleared after the test."""
     async with httpx.AsyncClient(base_url=f"{stack.liveavatar_api_url}/_control") as control:
         yield control
-        await control.post("/reset", json={})
+        (await control.post("/reset", json={})).raise_for_status()  # a fault left armed would break the next test
 
 
 def avatar_input(stack: Settings) -> CreateAvatarInput:

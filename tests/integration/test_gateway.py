@@ -40,7 +40,8 @@ async def test_unsigned_or_forged_webhooks_are_rejected(stack: Settings, authori
         "bearer-prefix": "Bearer " + signed(BODY, key, secret),
     }[authorization]
     async with httpx.AsyncClient() as http:
-        r = await http.post(gateway_url(stack), content=BODY, headers={"Authorization": header, "Content-Type": "application/webhook+json"})
+        headers = {"Authorization": header, "Content-Type": "application/webhook+json"}
+        r = await http.post(gateway_url(stack), content=BODY, headers=headers)
     assert r.status_code == 401
 
 

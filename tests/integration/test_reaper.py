@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager, suppress
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -20,15 +20,16 @@ import pytest
 from livekit import api
 from temporalio.api.enums.v1 import PendingActivityState
 from temporalio.client import Client, ScheduleActionStartWorkflow, ScheduleHandle, ScheduleOverlapPolicy
-from temporalio.service import RPCError
+from temporalio.service import RPCError, RPCStatusCode
 
 from activities.liveavatar_client import LiveAvatarClient
 from activities.reaper import avatar_owner_query
-from starters.client import SessionClient
-from tests.integration.conftest import eventually, room_names
-from tests.integration.test_session_e2e import interview
-from workers.schedules import REAPER_SCHEDULE_ID, ensure_reaper_schedule
 from config.settings import DEFAULT_AVATAR_ID, Settings
+from starters.client import SessionClient
+from tests.support.livekit import room_names
+from tests.support.polling import eventually
+from tests.support.specs import interview
+from workers.schedules import REAPER_SCHEDULE_ID, ensure_reaper_schedule
 from workers.worker import build_worker
 from workflows.reaper import ReaperWorkflow
 from workflows.reaper_models import ReapReport, ReapRequest
@@ -69,15 +70,17 @@ async def start_avatar_session(sessions: SessionClient, liveavatar: LiveAvatarCl
         state = await sessions.state(spec.session_id)
         return state.avatar_session_id if state.avatar_present else None
 
-    avatar_session_id = await eventually("the avatar to be in the room", avatar_id, 45)
-    await eventually("LiveAvatar to list the avatar session as active", lambda: avatar_active(liveavatar, avatar_session_id))
+    avatar_session_id = await eventually(avatar_id, what="the avatar to be in the room", timeout=45)
+    await eventually(
+        lambda: avatar_active(liveavatar, avatar_session_id), what="LiveAvatar to list the avatar session as active", timeout=30
+    )
     query = avatar_owner_query(avatar_session_id)
     await eventually(
-        "visibility to record the avatar's owner",
         lambda: _any(w.id == spec.workflow_id async for w in sessions.client.list_workflows(query)),
+        what="visibility to record the avatar's owner", timeout=30,
     )
     # The keep-alive net exists only once the keep-alive activity runs (a terminate before that is the reaper's).
-    await eventually("the keep-alive activity to run", lambda: _keep_alive_running(sessions, spec.session_id))
+    await eventually(lambda: _keep_alive_running(sessions, spec.session_id), what="the keep-alive activity to run", timeout=30)
     return LiveSession(spec.session_id, spec.room_name, avatar_session_id)
 
 
@@ -156,7 +159,7 @@ async def test_the_keep_alive_net_releases_a_terminated_session_without_the_reap
         room_gone = await room_names(livekit, session.room) == []
         return room_gone and (await liveavatar.get_session(session.avatar_session_id)).is_ended
 
-    await eventually("the keep-alive net to release the room and the avatar", released, RELEASE_DEADLINE_S)
+    await eventually(released, what="the keep-alive net to release the room and the avatar", timeout=RELEASE_DEADLINE_S)
     print(f"keep-alive net: terminate -> room and avatar released in {time.monotonic() - terminated_at:.2f} s")
     assert not await avatar_active(liveavatar, session.avatar_session_id)
 
@@ -186,8 +189,11 @@ async def test_the_reaper_schedule_is_kept_at_the_current_spec_and_its_sweeps_ru
     temporal: Client, stack: Settings, sessions: SessionClient
 ) -> None:
     queue = sessions.task_queue
-    with suppress(RPCError):  # left by a worker process: start from nothing, to cover creation too
+    try:  # left by a worker process: start from nothing, to cover creation too
         await temporal.get_schedule_handle(REAPER_SCHEDULE_ID).delete()
+    except RPCError as e:
+        if e.status is not RPCStatusCode.NOT_FOUND:  # no schedule yet is fine; anything else is a real failure
+            raise
     handle = await ensure_reaper_schedule(temporal, stack.model_copy(update={"reaper_every_s": 45.0}), queue)
     try:
         await handle.pause(note="test: an operator paused it")
@@ -202,7 +208,7 @@ async def test_the_reaper_schedule_is_kept_at_the_current_spec_and_its_sweeps_ru
 
         await handle.unpause()
         await handle.trigger()
-        run = await eventually("the triggered sweep to start", lambda: _latest_run(handle))
+        run = await eventually(lambda: _latest_run(handle), what="the triggered sweep to start", timeout=30)
         report = await temporal.get_workflow_handle_for(ReaperWorkflow.run, run).result()
         assert not report.dry_run and report.errors == []
     finally:

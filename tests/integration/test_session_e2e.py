@@ -6,34 +6,20 @@ import uuid
 
 import pytest
 from livekit import api, rtc
+from livekit.rtc.participant import PublishTrackError
 from temporalio.client import WorkflowExecutionStatus
 from temporalio.service import RPCError
 
 from activities.liveavatar_client import LiveAvatarClient, SessionEndReason
 from sandbox.media import SyntheticMedia, join_room
 from starters.client import InvalidInput, SessionClient, SessionEnded, UnknownParticipant
-from tests.integration.conftest import eventually, record_history, room_names
-from config.settings import DEFAULT_AVATAR_ID
-from workflows.models import EndReason, SessionSpec, SessionStatus, avatar_identity_prefix
+from tests.support.histories import record_history
+from tests.support.livekit import room_names
+from tests.support.polling import eventually
+from tests.support.specs import interview
+from workflows.models import EndReason, SessionStatus, avatar_identity_prefix
 
 pytestmark = pytest.mark.stack
-
-
-def interview(**overrides) -> SessionSpec:  # type: ignore[no-untyped-def]
-    return SessionSpec.model_validate(
-        {
-            "session_id": f"it-{uuid.uuid4().hex[:10]}",
-            "kind": "interview",
-            "participants": [
-                {"identity": "cand", "role": "candidate", "name": "Candidate"},
-                {"identity": "watcher", "role": "observer"},
-            ],
-            "avatar": {"avatar_id": DEFAULT_AVATAR_ID},
-            "max_duration": "PT10M",
-            "no_show_timeout": "PT2M",
-        }
-        | overrides
-    )
 
 
 def avatar_video_in(room: rtc.Room, session_id: str) -> str | None:
@@ -59,10 +45,14 @@ async def test_a_full_avatar_interview_releases_its_room_and_avatar(
 
     async with join_room(grant.url, grant.token, publish_media=True) as room:
         # The avatar starts once a human is in the room, joins with its own token and publishes video.
-        avatar_identity = await eventually("the avatar's video track", lambda: _async(avatar_video_in(room, spec.session_id)), 45)
+        avatar_identity = await eventually(
+            lambda: avatar_video_in(room, spec.session_id), what="the avatar's video track", timeout=45
+        )
         state = await eventually(
-            "the session to see the candidate and the avatar",
-            lambda: _state_when(sessions, spec.session_id, lambda s: s.status is SessionStatus.LIVE and s.avatar_present and s.present == ["cand"]),
+            lambda: _state_when(
+                sessions, spec.session_id, lambda s: s.status is SessionStatus.LIVE and s.avatar_present and s.present == ["cand"]
+            ),
+            what="the session to see the candidate and the avatar", timeout=30,
         )
         avatar_id = state.avatar_session_id
         assert avatar_id is not None and state.avatar_identity == avatar_identity
@@ -91,10 +81,13 @@ async def test_an_observer_can_watch_but_not_publish(sessions: SessionClient, li
         info = await livekit.room.get_participant(api.RoomParticipantIdentity(room=spec.room_name, identity="watcher"))
         assert not info.permission.can_publish and not info.permission.can_publish_data
         assert info.permission.can_subscribe
+        # The server never acknowledges a track from a participant without the publish grant.
         media = SyntheticMedia()
-        with pytest.raises(Exception):
+        with pytest.raises(PublishTrackError):
             await media.start(room)
         await media.stop()
+        info = await livekit.room.get_participant(api.RoomParticipantIdentity(room=spec.room_name, identity="watcher"))
+        assert list(info.tracks) == [], "the server accepted a track from an observer"
     await sessions.end(spec.session_id)
     await record_history(sessions.handle(spec.session_id), "observer_only")
 
@@ -146,10 +139,6 @@ async def _assert_nothing_exists(sessions: SessionClient, livekit: api.LiveKitAP
     with pytest.raises(RPCError, match="not found"):
         await sessions.client.get_workflow_handle(f"session-{session_id}").describe()
     assert await room_names(livekit, f"session-{session_id}") == []
-
-
-async def _async(value):  # type: ignore[no-untyped-def]
-    return value
 
 
 async def _state_when(sessions: SessionClient, session_id: str, ok):  # type: ignore[no-untyped-def]

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from starters.client import SessionClient
-from tests.integration.test_session_e2e import interview
 from config.settings import Settings
+from starters.client import SessionClient
+from tests.support.specs import interview
 from workflows.models import SessionStatus
 
 pytestmark = pytest.mark.stack

@@ -1,0 +1,27 @@
+"""Session specs the tests start: one builder, overridable field by field."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from config.settings import DEFAULT_AVATAR_ID
+from workflows.models import SessionSpec
+
+
+def interview(**overrides: Any) -> SessionSpec:
+    """An avatar interview with a candidate and an observer on its roster, under a fresh session id."""
+    return SessionSpec.model_validate(
+        {
+            "session_id": f"it-{uuid.uuid4().hex[:10]}",
+            "kind": "interview",
+            "participants": [
+                {"identity": "cand", "role": "candidate", "name": "Candidate"},
+                {"identity": "watcher", "role": "observer"},
+            ],
+            "avatar": {"avatar_id": DEFAULT_AVATAR_ID},
+            "max_duration": "PT10M",
+            "no_show_timeout": "PT2M",
+        }
+        | overrides
+    )
