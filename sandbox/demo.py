@@ -121,8 +121,9 @@ async def run_interview(settings: Settings, sessions: SessionClient) -> DemoResu
         await asyncio.sleep(2)  # let the interview run for a moment
         final = await sessions.end(sid, "demo interview finished")
     console.print(f"[green]✓[/green] session ended: {final.status.value} ({final.end_reason}); cleanup completed")
+    console.print(f"  billed avatar time: {final.avatar_seconds:.1f} s over {len(final.avatar_sessions)} avatar session(s)")
 
-    leaked_rooms, leaked_avatars = await check_released(settings, spec, final.avatar_session_id)
+    leaked_rooms, leaked_avatars = await check_released(settings, spec, final.avatar_sessions[-1] if final.avatar_sessions else None)
     handle = sessions.handle(sid)
     await handle.result()  # the workflow closes once its keep-alive has acknowledged the end
     history = await handle.fetch_history()

@@ -9,10 +9,6 @@ from __future__ import annotations
 import pytest
 
 from config.settings import Settings
-from tests.support.binaries import venv_binary
-
-# Re-exported until tests/workflows/conftest.py imports it from tests.support.binaries (the lead's change).
-__all__ = ["venv_binary"]
 
 
 @pytest.fixture(scope="session")

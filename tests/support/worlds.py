@@ -40,6 +40,7 @@ class StubWorld:
     start_avatar_error: ApplicationError | None = None
     avatar_ends_after: float | None = None  # keep-alive reports the avatar ended after this many seconds
     keepalive_returns: bool = False  # keep-alive ends at once (the test server skips no time while it runs)
+    create_room_gate: asyncio.Event | None = None  # create_room waits for it (the room is still being created)
     delete_room_gate: asyncio.Event | None = None  # delete_room waits for it (a cleanup still running)
     avatars: int = 0
 
@@ -49,16 +50,14 @@ class StubWorld:
     @activity.defn(name="create_room")
     async def create_room(self, inp: CreateRoomInput) -> None:
         self.calls.append(("create_room", inp.room))
+        await _wait_for(self.create_room_gate)
         if self.create_room_error:
             raise self.create_room_error
 
     @activity.defn(name="delete_room")
     async def delete_room(self, room: str) -> None:
         self.calls.append(("delete_room", room))
-        if self.delete_room_gate is not None:
-            while not self.delete_room_gate.is_set():
-                activity.heartbeat()
-                await asyncio.sleep(0.05)  # a polling period, not a wait for something
+        await _wait_for(self.delete_room_gate)
 
     @activity.defn(name="mint_participant_token")
     async def mint_participant_token(self, inp: MintTokenInput) -> JoinGrant:
@@ -103,6 +102,19 @@ class StubWorld:
             self.create_room, self.delete_room, self.mint_participant_token, self.create_avatar_session,
             self.start_avatar_session, self.keep_avatar_alive, self.stop_avatar_session,
         ]
+
+
+async def _wait_for(gate: asyncio.Event | None) -> None:
+    """Hold an activity until the test opens `gate`, heartbeating so that a cancel reaches it meanwhile."""
+    if gate is None:
+        return
+    opened = asyncio.ensure_future(gate.wait())
+    try:
+        while not opened.done():
+            activity.heartbeat()
+            await asyncio.wait({opened}, timeout=0.1)
+    finally:
+        opened.cancel()
 
 
 class Outcome(StrEnum):

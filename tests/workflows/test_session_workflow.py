@@ -2,22 +2,36 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from datetime import timedelta
+from typing import Any
 
 import pytest
+from temporalio.api.enums.v1 import EventType
 from temporalio.client import WorkflowExecutionStatus, WorkflowFailureError, WorkflowHandle
+from temporalio.common import SearchAttributeKey
 from temporalio.exceptions import ApplicationError
 
-from starters.client import ExtendBeyondCap, RoomFull, SessionClient, SessionEnded, UnknownParticipant
-from tests.workflows.conftest import StubWorld
-from workflows.models import EndReason, JoinGrant, SessionOutcome, RoomEvent, RoomEventKind, SessionSpec, SessionStatus
+from starters.client import (
+    ExtendBeyondCap,
+    RoomFull,
+    SessionCancelled,
+    SessionClient,
+    SessionEnded,
+    SessionNotFound,
+    UnknownParticipant,
+)
+from tests.support.polling import eventually
+from tests.support.worlds import StubWorld
+from workflows.machine import SessionMachine
+from workflows.models import EndReason, JoinGrant, RoomEvent, RoomEventKind, SessionOutcome, SessionSpec, SessionState, SessionStatus
 from workflows.search_attributes import AVATAR_SESSION_ID
 from workflows.session import SessionWorkflow
 
 
-def make_spec(**overrides) -> SessionSpec:  # type: ignore[no-untyped-def]
-    base = {
+def make_spec(**overrides: Any) -> SessionSpec:
+    base: dict[str, Any] = {
         "session_id": f"s-{uuid.uuid4().hex[:12]}",
         "kind": "interview",
         "participants": [
@@ -39,7 +53,7 @@ async def admit(sessions: SessionClient, spec: SessionSpec, identity: str) -> Jo
     return await sessions.join_running(spec.session_id, identity)
 
 
-_handles: dict[str, WorkflowHandle] = {}  # type: ignore[type-arg]
+_handles: dict[str, WorkflowHandle[SessionWorkflow, SessionOutcome]] = {}
 
 
 async def start(sessions: SessionClient, spec: SessionSpec) -> None:
@@ -102,35 +116,55 @@ async def test_extend_moves_the_end_within_the_cap_and_refuses_beyond(sessions: 
     assert abs((result.ended_at - result.started_at) - timedelta(minutes=40)) < timedelta(seconds=5)
 
 
-async def test_end_update_releases_everything_and_reports_the_state(sessions: SessionClient, world: StubWorld) -> None:
+async def test_end_update_releases_everything_and_returns_the_outcome(sessions: SessionClient, world: StubWorld) -> None:
     spec = make_spec()
     await admit(sessions, spec, "cand")
     await joined(sessions, spec, "cand")
-    state = await sessions.end(spec.session_id, "interview over")
-    assert state.status is SessionStatus.ENDED
-    assert state.end_reason is EndReason.REQUESTED and state.end_detail == "interview over"
+    ended = await sessions.end(spec.session_id, "interview over")
+    assert ended.status is SessionStatus.ENDED
+    assert ended.end_reason is EndReason.REQUESTED and ended.end_detail == "interview over"
+    assert ended.participants_joined == ["cand"]
     assert world.names()[-1] == "delete_room"
-    result = await outcome(sessions, spec)
-    assert result.participants_joined == ["cand"]
+    assert await outcome(sessions, spec) == ended
 
 
-async def test_join_is_refused_with_typed_errors(sessions: SessionClient) -> None:
+async def test_end_is_idempotent_and_a_closed_session_says_it_has_ended(sessions: SessionClient, world: StubWorld) -> None:
+    spec = make_spec()
+    await admit(sessions, spec, "cand")
+    first = await sessions.end(spec.session_id, "interview over")
+    await outcome(sessions, spec)  # closed
+    assert await sessions.end(spec.session_id, "again") == first  # the recorded outcome, not a new end
+    with pytest.raises(SessionEnded, match="has ended|ended"):
+        await sessions.extend(spec.session_id, timedelta(minutes=1))
+    with pytest.raises(SessionEnded):
+        await sessions.join_running(spec.session_id, "cand")
+    assert world.names().count("delete_room") == 1
+    with pytest.raises(SessionNotFound, match="never started"):
+        await sessions.end(f"never-{uuid.uuid4().hex[:8]}")
+
+
+async def test_join_is_refused_with_typed_errors(sessions: SessionClient, world: StubWorld) -> None:
     spec = make_spec(max_participants=1)
     await admit(sessions, spec, "cand")
     with pytest.raises(RoomFull, match="1 of 1"):
-        await admit(sessions, spec, "obs")
+        await sessions.join_running(spec.session_id, "obs")
     with pytest.raises(UnknownParticipant, match="not on the roster"):
         await sessions.join_running(spec.session_id, "stranger")
-    await sessions.end(spec.session_id)
-    with pytest.raises(SessionEnded, match="has ended"):
-        await admit(sessions, spec, "cand")
+    # While the session is ending (its cleanup still running), the workflow itself refuses the join.
+    world.delete_room_gate = asyncio.Event()
+    ending = asyncio.ensure_future(sessions.end(spec.session_id))
+    await eventually(lambda: "delete_room" in world.names(), what="the cleanup to start", timeout=10)
+    with pytest.raises(SessionEnded, match="has ended \\(requested\\); start a new session id"):
+        await sessions.join_running(spec.session_id, "cand")
+    world.delete_room_gate.set()
+    await ending
 
 
 async def test_cancel_runs_the_cleanup_and_closes_cancelled(sessions: SessionClient, world: StubWorld) -> None:
     spec = make_spec(avatar={"avatar_id": "dd73ea75-1218-4ef3-92ce-606d5f7fbc0a", "start": "immediately"})
     await admit(sessions, spec, "cand")
     handle = sessions.handle(spec.session_id)
-    await _until(lambda: "keep_avatar_alive" in world.names())
+    await eventually(lambda: "keep_avatar_alive" in world.names(), what="the avatar to be kept alive", timeout=10)
     await handle.cancel()
     with pytest.raises(WorkflowFailureError):
         await outcome(sessions, spec)
@@ -146,7 +180,7 @@ async def test_avatar_is_recorded_before_it_is_started_and_stopped_at_the_end(
     await admit(sessions, spec, "cand")
     assert "create_avatar_session" not in world.names()  # on_first_join: nobody in the room yet
     await joined(sessions, spec, "cand")
-    await _until(lambda: "keep_avatar_alive" in world.names())
+    await eventually(lambda: "keep_avatar_alive" in world.names(), what="the avatar to be kept alive", timeout=10)
     state = await sessions.state(spec.session_id)
     assert state.avatar_session_id == "avatar-1"
     desc = await sessions.handle(spec.session_id).describe()
@@ -166,7 +200,9 @@ async def test_a_lost_avatar_is_replaced_with_backoff(sessions: SessionClient, w
     spec = make_spec(avatar={"avatar_id": AVATAR, "max_replacements": 2, "replace_backoff": "PT1S", "when_lost": "continue"})
     await admit(sessions, spec, "cand")
     await joined(sessions, spec, "cand")
-    state = await _until_state(sessions, spec, lambda st: st.avatar_fallback)
+    state = await eventually(
+        lambda: _state_if(sessions, spec, lambda st: st.avatar_fallback), what="the avatar fallback", timeout=20
+    )
     # The first avatar and two replacements, each stopped exactly once; then the session goes on without one.
     assert world.names().count("create_avatar_session") == 3
     assert sorted(a for n, a in world.calls if n == "stop_avatar_session") == ["avatar-1", "avatar-2", "avatar-3"]
@@ -176,7 +212,7 @@ async def test_a_lost_avatar_is_replaced_with_backoff(sessions: SessionClient, w
         "avatar replacement 2 after: the avatar session ended: AvatarSessionEnded: avatar session ended (IDLE_TIMEOUT)",
     ]
     desc = await sessions.handle(spec.session_id).describe()
-    assert desc.typed_search_attributes.get(_key("SessionStatus")) == "degraded"
+    assert desc.typed_search_attributes.get(SearchAttributeKey.for_keyword("SessionStatus")) == "degraded"
     await sessions.end(spec.session_id)
     result = await outcome(sessions, spec)
     assert result.avatar_fallback and result.end_reason is EndReason.REQUESTED
@@ -274,24 +310,71 @@ async def test_a_room_that_cannot_be_created_fails_the_session_after_cleanup(
     assert world.names() == ["create_room", "delete_room"]  # the room may exist: deleting is harmless
 
 
-async def _until_state(sessions: SessionClient, spec: SessionSpec, ok, timeout: float = 20.0):  # type: ignore[no-untyped-def]
-    import asyncio
+async def test_a_cancel_answers_updates_in_flight_with_a_typed_refusal_and_records_the_outcome(
+    sessions: SessionClient, world: StubWorld
+) -> None:
+    world.create_room_gate = asyncio.Event()  # the room is still being created when the join comes
+    spec = make_spec()
+    await start(sessions, spec)
+    join = asyncio.ensure_future(sessions.join_running(spec.session_id, "cand"))
+    await eventually(lambda: "create_room" in world.names(), what="the room create to start", timeout=10)
+    await sessions.handle(spec.session_id).cancel()
+    world.create_room_gate.set()
+    with pytest.raises(SessionCancelled, match="has ended \\(cancelled\\)"):
+        await join
+    with pytest.raises(WorkflowFailureError):
+        await outcome(sessions, spec)
+    assert (await sessions.handle(spec.session_id).describe()).status is WorkflowExecutionStatus.CANCELED
+    recorded = await sessions.recorded_outcome(spec.session_id)
+    assert recorded.end_reason is EndReason.CANCELLED and recorded.status is SessionStatus.ENDED
+    assert world.names() == ["create_room", "delete_room"]  # deleted once its create had landed
 
-    async with asyncio.timeout(timeout):
-        while not ok(state := await sessions.state(spec.session_id)):
-            await asyncio.sleep(0.1)
-    return state
+
+async def test_a_cancel_after_the_end_keeps_the_outcome(sessions: SessionClient, world: StubWorld) -> None:
+    spec = make_spec()
+    await admit(sessions, spec, "cand")
+    world.delete_room_gate = asyncio.Event()  # the cleanup is still running when the cancel comes
+    ending = asyncio.ensure_future(sessions.end(spec.session_id, "interview over"))
+    await eventually(lambda: "delete_room" in world.names(), what="the cleanup to start", timeout=10)
+    await sessions.handle(spec.session_id).cancel()
+    world.delete_room_gate.set()
+    ended = await ending
+    assert ended.end_reason is EndReason.REQUESTED and ended.end_detail == "interview over"
+    assert await outcome(sessions, spec) == ended  # COMPLETED with the outcome, not CANCELED without it
+    assert world.names().count("delete_room") == 1
 
 
-async def _until(check, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
-    import asyncio
+async def test_a_bug_fails_the_workflow_task_and_a_fixed_worker_resumes_the_session(
+    sessions: SessionClient, world: StubWorld, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A plain exception in workflow code (here: in the room-created step, which runs in a spawned task) must
+    not leave the session hanging: the workflow task fails, visibly, and is retried until the code is fixed."""
 
-    async with asyncio.timeout(timeout):
-        while not check():
-            await asyncio.sleep(0.05)
+    def bug(self: SessionMachine, now: object) -> object:
+        raise KeyError("injected bug")
+
+    monkeypatch.setattr(SessionMachine, "_on_room_created", bug)
+    spec = make_spec()
+    await start(sessions, spec)
+    handle = sessions.handle(spec.session_id)
+
+    async def failing_task() -> str | None:
+        history = await handle.fetch_history()
+        failures = [e for e in history.events if e.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_FAILED]
+        return failures[-1].workflow_task_failed_event_attributes.failure.message if failures else None
+
+    message = await eventually(failing_task, what="the workflow task to fail", timeout=20)
+    assert "injected bug" in message
+    assert (await handle.describe()).status is WorkflowExecutionStatus.RUNNING  # paused, not failed, not hanging
+    monkeypatch.undo()  # the fixed deploy
+    await eventually(
+        lambda: _state_if(sessions, spec, lambda st: st.status is SessionStatus.WAITING),
+        what="the session to resume once the bug is fixed", timeout=30,
+    )
+    ended = await sessions.end(spec.session_id, "after the fix")
+    assert ended.status is SessionStatus.ENDED and world.names().count("delete_room") == 1
 
 
-def _key(name: str):  # type: ignore[no-untyped-def]
-    from temporalio.common import SearchAttributeKey
-
-    return SearchAttributeKey.for_keyword(name)
+async def _state_if(sessions: SessionClient, spec: SessionSpec, ok: Any) -> SessionState | None:
+    state = await sessions.state(spec.session_id)
+    return state if ok(state) else None
