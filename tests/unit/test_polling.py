@@ -27,7 +27,7 @@ async def test_a_timeout_names_what_it_waited_for_and_the_last_value() -> None:
     with pytest.raises(AssertionError, match=r"timed out after 0\.2 s waiting for an open door \(last: 0\)"):
         await eventually(lambda: 0, what="an open door", timeout=0.2, every=0.05)
     with pytest.raises(AssertionError, match=r"\(last: \[\]\)"):
-        await eventually(lambda: [], what="a non-empty list", timeout=0.1, every=0.05)
+        await eventually(list, what="a non-empty list", timeout=0.1, every=0.05)
 
 
 async def test_an_exception_propagates_at_once_unless_it_is_retried() -> None:
