@@ -52,9 +52,9 @@ demo: install
 bench: install
 	$(PY) -m sandbox exec -- $(PY) -m bench.session_ready $(BENCH_ARGS)
 
-## record-histories: record the workflow histories replayed by tests/replay
+## record-histories: add the histories replayed by tests/replay (never overwrites; NAMES=... for some)
 record-histories: install
-	$(PY) -m sandbox exec -- $(PY) -m tests.replay.record
+	$(PY) -m tests.replay.record $(NAMES)
 
 ## clean: stop a stack left running and remove state, caches and build output (keeps .venv and the LiveKit cache)
 clean:

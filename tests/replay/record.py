@@ -1,20 +1,68 @@
-"""Re-record the replay histories: `make record-histories` (runs inside the local stack).
+"""Record the replay corpus: `make record-histories` (or `python -m tests.replay.record [NAME ...]`).
 
-Runs the integration scenarios with SESSIONFLOW_RECORD_HISTORIES set; each scenario that ends a session
-writes its history to tests/replay/histories/<scenario>.json. Commit the result after a deliberate change
-of the workflow's behaviour (and keep the old histories passing with `workflow.patched` where sessions may
-still be running).
+Each scenario of `tests/replay/scenarios.py` runs the real workflow on the time-skipping test server, and its
+history is written to `histories/<name>.<CORPUS_VERSION>.json`. Recording only ever adds: a file that exists
+is left as it is. After a change to what the workflow does, bump CORPUS_VERSION and record again; the new
+histories sit beside the old ones and every one of them must still replay (guard the change with
+`workflow.patched`, see tests/replay/test_replay.py).
 """
 
 from __future__ import annotations
 
-import os
+import asyncio
 import sys
 from pathlib import Path
 
-import pytest
+from temporalio.api.enums.v1 import IndexedValueType
+from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
+from temporalio.testing import WorkflowEnvironment
+
+from tests.replay.scenarios import SCENARIOS
+from tests.support.binaries import venv_binary
+from workers.temporal import data_converter
+from workflows.search_attributes import SEARCH_ATTRIBUTES
+
+# The generation of the workflow these histories come from: v1 are the three files without a version in
+# their name (recorded from the integration tests before the decision core moved into the machine).
+CORPUS_VERSION = "v2"
+HISTORIES = Path(__file__).parent / "histories"
+
+
+def history_path(name: str, version: str = CORPUS_VERSION) -> Path:
+    return HISTORIES / f"{name}.{version}.json"
+
+
+async def record(names: list[str]) -> int:
+    unknown = sorted(set(names) - set(SCENARIOS))
+    if unknown:
+        print(f"no such scenario: {', '.join(unknown)}; known: {', '.join(SCENARIOS)}", file=sys.stderr)
+        return 2
+    env = await WorkflowEnvironment.start_time_skipping(
+        test_server_existing_path=venv_binary("temporal-test-server"), data_converter=data_converter()
+    )
+    try:
+        await env.client.operator_service.add_search_attributes(
+            AddSearchAttributesRequest(
+                namespace=env.client.namespace,
+                search_attributes={k.name: IndexedValueType.ValueType(k.indexed_value_type) for k in SEARCH_ATTRIBUTES},
+            )
+        )
+        for name in names or list(SCENARIOS):
+            path = history_path(name)
+            if path.exists():
+                print(f"kept     {path.relative_to(HISTORIES.parent)} (recording never overwrites; bump CORPUS_VERSION)")
+                continue
+            handle = await SCENARIOS[name](env)
+            path.write_text((await handle.fetch_history()).to_json() + "\n")
+            print(f"recorded {path.relative_to(HISTORIES.parent)}")
+    finally:
+        await env.shutdown()
+    return 0
+
 
 if __name__ == "__main__":
-    os.environ["SESSIONFLOW_RECORD_HISTORIES"] = "1"
-    here = Path(__file__).parent
-    sys.exit(pytest.main([str(here.parent / "integration"), "-q", "-p", "no:cacheprovider", *sys.argv[1:]]))
+    rc = asyncio.run(record(sys.argv[1:]))
+    sys.stdout.flush()
+    import os
+
+    os._exit(rc)  # the Temporal runtime can crash at interpreter exit (sdk-python#300)

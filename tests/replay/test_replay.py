@@ -1,7 +1,10 @@
-"""Recorded session histories must replay against the current workflow code.
+"""Every recorded session history must replay against the current workflow code.
 
-A failure here means a change would break sessions that are running while it deploys: guard the change with
-`workflow.patched(...)`, or (for a deliberate, deploy-safe change) re-record with `make record-histories`.
+The corpus (tests/replay/histories) only grows: `make record-histories` adds `<path>.<version>.json` files and
+never overwrites one. A failure here means a change would break sessions that are running while it deploys:
+guard the change with `workflow.patched(...)` (see `workflows/session.py`), never re-record to make this pass.
+The second half shows the corpus catches regressions: each deliberate mutation of the decision core makes the
+history of the path it changes fail to replay.
 """
 
 from __future__ import annotations
@@ -15,47 +18,67 @@ from temporalio.client import WorkflowHistory
 from temporalio.worker import Replayer
 from temporalio.workflow import NondeterminismError
 
+from tests.replay.mutations import MUTATIONS
 from workers.temporal import data_converter
+from workflows.machine import SessionMachine
 from workflows.models import SessionOutcome, SessionSpec
 from workflows.session import QUICK, SessionWorkflow
 
-HISTORIES = sorted((Path(__file__).parent / "histories").glob("*.json"))
+HISTORY_DIR = Path(__file__).parent / "histories"
+HISTORIES = sorted(HISTORY_DIR.glob("*.json"))
+# Every path a running session can take (tests/replay/scenarios.py), plus the first three recorded (v1).
+EXPECTED = {
+    "full_avatar_interview", "observer_only", "ended_then_join_refused",
+    *(f"{name}.v2" for name in (
+        "interview_happy_path", "coaching_happy_path", "avatar_crash_and_replacement", "avatar_rotation",
+        "participant_lost", "no_show", "max_duration", "extend", "end_during_avatar_start", "cancel",
+        "terminate_live", "worker_killed_mid_start", "livekit_down", "room_create_fails", "cancel_after_end",
+    )),
+}
 
 
 def load(path: Path) -> WorkflowHistory:
     return WorkflowHistory.from_json(f"replay-{path.stem}", path.read_text())
 
 
-def test_histories_are_recorded() -> None:
+async def replay(path: Path, workflow_class: type = SessionWorkflow) -> BaseException | None:
+    replayer = Replayer(workflows=[workflow_class], data_converter=data_converter())
+    return (await replayer.replay_workflow(load(path), raise_on_replay_failure=False)).replay_failure
+
+
+def test_the_corpus_holds_every_path() -> None:
     names = {p.stem for p in HISTORIES}
-    assert {"full_avatar_interview", "observer_only", "ended_then_join_refused"} <= names, (
-        f"recorded histories missing (have {sorted(names)}): run `make record-histories`"
-    )
+    assert EXPECTED <= names, f"recorded histories missing: {sorted(EXPECTED - names)}; run `make record-histories`"
 
 
 @pytest.mark.parametrize("path", HISTORIES, ids=[p.stem for p in HISTORIES])
 async def test_recorded_history_replays(path: Path) -> None:
-    result = await Replayer(workflows=[SessionWorkflow], data_converter=data_converter()).replay_workflow(load(path))
-    assert result.replay_failure is None
+    assert await replay(path) is None
+
+
+@pytest.mark.parametrize("mutation", sorted(MUTATIONS))
+async def test_each_mutation_of_the_decision_core_fails_the_replay_of_its_path(
+    mutation: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    method, replacement, history = MUTATIONS[mutation]
+    path = HISTORY_DIR / f"{history}.json"
+    assert await replay(path) is None  # the history itself is fine
+    monkeypatch.setattr(SessionMachine, method, replacement)
+    failure = await replay(path)
+    assert isinstance(failure, NondeterminismError), f"{mutation!r} went unnoticed by {history}: {failure!r}"
 
 
 @workflow.defn(name="SessionWorkflow")
 class SessionWorkflowWithAnExtraStep(SessionWorkflow):
-    """A careless change: one more activity before the room is created, without `workflow.patched`."""
+    """A careless change: one more activity before the session starts, without `workflow.patched`."""
 
     @workflow.run
     async def run(self, spec: SessionSpec) -> SessionOutcome:
+        await workflow.execute_activity("prewarm_avatar", start_to_close_timeout=timedelta(seconds=5), retry_policy=QUICK)
         return await super().run(spec)
 
-    async def _create_room(self) -> None:
-        await workflow.execute_activity(
-            "prewarm_avatar", start_to_close_timeout=timedelta(seconds=5), retry_policy=QUICK
-        )
-        await super()._create_room()
 
-
-@pytest.mark.parametrize("path", HISTORIES[:1], ids=[p.stem for p in HISTORIES[:1]])
-async def test_a_non_deterministic_change_fails_replay(path: Path) -> None:
-    replayer = Replayer(workflows=[SessionWorkflowWithAnExtraStep], data_converter=data_converter())
-    with pytest.raises(NondeterminismError):
-        await replayer.replay_workflow(load(path))
+@pytest.mark.parametrize("history", ["full_avatar_interview", "interview_happy_path.v2"])
+async def test_a_careless_change_fails_replay(history: str) -> None:
+    failure = await replay(HISTORY_DIR / f"{history}.json", SessionWorkflowWithAnExtraStep)
+    assert isinstance(failure, NondeterminismError)

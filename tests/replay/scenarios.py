@@ -1,0 +1,328 @@
+"""The sessions whose histories make the replay corpus: one per path a running session can take.
+
+Each scenario drives the real `SessionWorkflow` on the time-skipping test server, with the outside world
+played by `tests.support.worlds` (so no token or key of any real service ends up in a history), and returns
+the workflow handle once the session has closed. `tests/replay/record.py` writes their histories.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from temporalio.client import WorkflowHandle
+from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Worker
+
+from config.settings import Settings
+from starters.client import SessionClient, SessionEnded
+from tests.support.polling import eventually
+from tests.support.worlds import Outcome, ScriptedWorld, StubWorld
+from workflows.models import RoomEvent, RoomEventKind, SessionOutcome, SessionSpec
+from workflows.session import SessionWorkflow
+
+AVATAR = "dd73ea75-1218-4ef3-92ce-606d5f7fbc0a"
+Handle = WorkflowHandle[SessionWorkflow, SessionOutcome]
+
+
+def spec(name: str, **overrides: Any) -> SessionSpec:
+    base: dict[str, Any] = {
+        "session_id": f"{name.replace('_', '-')}-{uuid.uuid4().hex[:6]}",
+        "kind": "interview",
+        "participants": [{"identity": "cand", "role": "candidate"}, {"identity": "panel", "role": "observer"}],
+        "max_duration": timedelta(minutes=30),
+        "no_show_timeout": timedelta(minutes=5),
+    }
+    return SessionSpec.model_validate(base | overrides)
+
+
+@dataclass
+class Rig:
+    """A worker on a fresh task queue around one world, and the client a backend would use."""
+
+    env: WorkflowEnvironment
+    world: StubWorld | ScriptedWorld
+    task_queue: str = field(default_factory=lambda: f"replay-{uuid.uuid4()}")
+    worker: Worker | None = None
+    running: asyncio.Task[None] | None = None
+
+    @property
+    def sessions(self) -> SessionClient:
+        return SessionClient(self.env.client, Settings(), task_queue=self.task_queue)
+
+    def start_worker(self) -> None:
+        self.worker = Worker(
+            self.env.client, task_queue=self.task_queue, workflows=[SessionWorkflow], activities=self.world.all(),
+            max_heartbeat_throttle_interval=timedelta(milliseconds=500),
+            max_cached_workflows=0,  # no sticky queue: the test server never hands a dead worker's tasks on
+        )
+        self.running = asyncio.create_task(self.worker.run())
+
+    async def stop_worker(self) -> None:
+        assert self.worker is not None and self.running is not None
+        await self.worker.shutdown()
+        await self.running
+
+    async def signal(self, handle: Handle, kind: RoomEventKind, identity: str | None = None) -> None:
+        await handle.signal(SessionWorkflow.room_event, RoomEvent(event_id=uuid.uuid4().hex, kind=kind, identity=identity))
+
+    async def state_is(self, s: SessionSpec, ok: Callable[[Any], bool], what: str) -> None:
+        async def check() -> bool:
+            return ok(await self.sessions.state(s.session_id))
+
+        await eventually(check, what=what, timeout=30)
+
+
+@asynccontextmanager
+async def rig(env: WorkflowEnvironment, world: StubWorld | ScriptedWorld) -> AsyncIterator[Rig]:
+    r = Rig(env, world)
+    r.start_worker()
+    try:
+        yield r
+    finally:
+        if isinstance(world, ScriptedWorld):
+            world.settle_all()
+        await r.stop_worker()
+
+
+async def held(world: ScriptedWorld, activity: str) -> None:
+    """Wait until the world holds a call of `activity`."""
+    await eventually(lambda: any(c.activity == activity for c in world.answerable()), what=f"a {activity} call", timeout=20)
+
+
+async def answer(world: ScriptedWorld, activity: str, outcome: Outcome) -> None:
+    await held(world, activity)
+    world.answer(next(c for c in world.answerable() if c.activity == activity), outcome)
+
+
+async def interview_happy_path(env: WorkflowEnvironment) -> Handle:
+    async with rig(env, StubWorld()) as r:
+        s = spec("interview", avatar={"avatar_id": AVATAR})
+        handle = await r.sessions.start(s)
+        await r.sessions.join_running(s.session_id, "cand")
+        await r.signal(handle, RoomEventKind.PARTICIPANT_JOINED, "cand")
+        await r.state_is(s, lambda st: st.avatar_session_id is not None, "the avatar to be recorded")
+        await r.signal(handle, RoomEventKind.PARTICIPANT_JOINED, f"avatar-{s.session_id}-1")
+        await r.sessions.join_running(s.session_id, "panel")
+        await r.signal(handle, RoomEventKind.PARTICIPANT_JOINED, "panel")
+        await r.sessions.end(s.session_id, "interview over")
+        await handle.result()
+        return handle
+
+
+async def coaching_happy_path(env: WorkflowEnvironment) -> Handle:
+    async with rig(env, StubWorld()) as r:
+        s = spec("coaching", kind="coaching",
+                 participants=[{"identity": "coach", "role": "coach"}, {"identity": "client", "role": "candidate"}])
+        handle = await r.sessions.start(s)
+        for who in ("coach", "client"):
+            await r.sessions.join_running(s.session_id, who)
+            await r.signal(handle, RoomEventKind.PARTICIPANT_JOINED, who)
+        await r.signal(handle, RoomEventKind.PARTICIPANT_LEFT, "client")  # a network blip: back within the grace
+        await r.sessions.join_running(s.session_id, "client")
+        await r.signal(handle, RoomEventKind.PARTICIPANT_JOINED, "client")
+        await r.sessions.end(s.session_id, "coaching over")
+        await handle.result()
+        return handle
+
+
+async def avatar_crash_and_replacement(env: WorkflowEnvironment) -> Handle:
+    world = ScriptedWorld(settle=True)
+    async with rig(env, world) as r:
+        s = spec("crash", avatar={"avatar_id": AVATAR, "replace_backoff": "PT1S"})
+        handle = await r.sessions.start(s)
+        await r.sessions.join_running(s.session_id, "cand")
+        await r.signal(handle, RoomEventKind.PARTICIPANT_JOINED, "cand")
+        await answer(world, "keep_avatar_alive", Outcome.ENDED)  # the avatar crashed on LiveAvatar's side
+        await r.state_is(s, lambda st: any("replacement 1" in x for x in st.recoveries) and st.status == "live",
+                         "the replacement avatar")
+        await r.sessions.end(s.session_id, "interview over")
+        await handle.result()
+        return handle
+
+
+async def avatar_rotation(env: WorkflowEnvironment) -> Handle:
+    world = StubWorld(keepalive_returns=True)  # the test server skips no time while an activity runs
+    async with rig(env, world) as r:
+        s = spec("rotation", max_duration=timedelta(minutes=10),
+                 avatar={"avatar_id": AVATAR, "start": "immediately", "max_session_duration": "PT5M"})
+        handle = await r.sessions.start(s)
+        await r.sessions.join_running(s.session_id, "cand")
+        await r.signal(handle, RoomEventKind.PARTICIPANT_JOINED, "cand")
+        await handle.result()  # skips time: a rotation at 4 min, then the max duration
+        return handle
+
+
+async def participant_lost(env: WorkflowEnvironment) -> Handle:
+    async with rig(env, StubWorld()) as r:
+        s = spec("lost", participants=[{"identity": "cand", "role": "candidate"}, {"identity": "coach", "role": "coach"}],
+                 reconnect_grace="PT1M", when_participant_lost="continue")
+        handle = await r.sessions.start(s)
+        for who in ("cand", "coach"):
+            await r.sessions.join_running(s.session_id, who)
+            await r.signal(handle, RoomEventKind.PARTICIPANT_JOINED, who)
+        await r.signal(handle, RoomEventKind.PARTICIPANT_LEFT, "cand")
+        await env.sleep(timedelta(seconds=90))  # the grace runs out: the coach carries on alone
+        await r.state_is(s, lambda st: "continued without cand" in st.recoveries, "the session to continue without cand")
+        await r.signal(handle, RoomEventKind.PARTICIPANT_LEFT, "coach")
+        await handle.result()  # nobody is left once the coach's grace runs out too
+        return handle
+
+
+async def no_show(env: WorkflowEnvironment) -> Handle:
+    async with rig(env, StubWorld()) as r:
+        s = spec("noshow")
+        handle = await r.sessions.start(s)
+        await r.sessions.join_running(s.session_id, "cand")  # a grant, but nobody connects
+        await handle.result()
+        return handle
+
+
+async def max_duration(env: WorkflowEnvironment) -> Handle:
+    async with rig(env, StubWorld()) as r:
+        s = spec("maxdur")
+        handle = await r.sessions.start(s)
+        await r.sessions.join_running(s.session_id, "cand")
+        await r.signal(handle, RoomEventKind.PARTICIPANT_JOINED, "cand")
+        await handle.result()
+        return handle
+
+
+async def extend(env: WorkflowEnvironment) -> Handle:
+    async with rig(env, StubWorld()) as r:
+        s = spec("extend", max_duration_cap=timedelta(minutes=45))
+        handle = await r.sessions.start(s)
+        await r.sessions.join_running(s.session_id, "cand")
+        await r.signal(handle, RoomEventKind.PARTICIPANT_JOINED, "cand")
+        await r.sessions.extend(s.session_id, timedelta(minutes=10))
+        await handle.result()
+        return handle
+
+
+async def end_during_avatar_start(env: WorkflowEnvironment) -> Handle:
+    world = ScriptedWorld()
+    async with rig(env, world) as r:
+        s = spec("endstart", avatar={"avatar_id": AVATAR, "start": "immediately"})
+        handle = await r.sessions.start(s)
+        await answer(world, "create_room", Outcome.OK)
+        await answer(world, "create_avatar_session", Outcome.OK)
+        await held(world, "start_avatar_session")
+        ending = asyncio.ensure_future(r.sessions.end(s.session_id, "ended while the avatar was starting"))
+        await r.state_is(s, lambda st: st.status == "ending", "the end to be decided")
+        await answer(world, "start_avatar_session", Outcome.OK)  # only now may the stop go out
+        world.settle_all()
+        await ending
+        await handle.result()
+        return handle
+
+
+async def cancel(env: WorkflowEnvironment) -> Handle:
+    world = ScriptedWorld(settle=True)
+    async with rig(env, world) as r:
+        s = spec("cancel", avatar={"avatar_id": AVATAR, "start": "immediately"})
+        handle = await r.sessions.start(s)
+        await held(world, "keep_avatar_alive")
+        await handle.cancel()
+        await _closed(handle)
+        return handle
+
+
+async def terminate_live(env: WorkflowEnvironment) -> Handle:
+    world = ScriptedWorld(settle=True)
+    async with rig(env, world) as r:
+        s = spec("terminate", avatar={"avatar_id": AVATAR, "start": "immediately"})
+        handle = await r.sessions.start(s)
+        await held(world, "keep_avatar_alive")
+        await handle.terminate("an operator stepped in; the reaper releases what it held")
+        await _closed(handle)
+        return handle
+
+
+async def worker_killed_mid_start(env: WorkflowEnvironment) -> Handle:
+    world = ScriptedWorld()
+    async with rig(env, world) as r:
+        s = spec("killstart", avatar={"avatar_id": AVATAR, "start": "immediately"})
+        handle = await r.sessions.start(s)
+        await answer(world, "create_room", Outcome.OK)
+        await answer(world, "create_avatar_session", Outcome.OK)
+        await held(world, "start_avatar_session")
+        await r.stop_worker()  # the worker goes away in the middle of the start
+        r.start_worker()
+        await answer(world, "start_avatar_session", Outcome.OK)  # the retry, on the new worker
+        world.settle = True
+        await held(world, "keep_avatar_alive")
+        await r.sessions.end(s.session_id, "interview over")
+        await handle.result()
+        return handle
+
+
+async def livekit_down(env: WorkflowEnvironment) -> Handle:
+    world = ScriptedWorld()
+    async with rig(env, world) as r:
+        s = spec("lkdown")
+        handle = await r.sessions.start(s)
+        for _ in range(3):
+            await answer(world, "create_room", Outcome.RETRY)  # LiveKit unreachable: Temporal retries
+        await answer(world, "create_room", Outcome.OK)
+        await r.sessions.join_running(s.session_id, "cand")
+        await r.signal(handle, RoomEventKind.PARTICIPANT_JOINED, "cand")
+        ending = asyncio.ensure_future(r.sessions.end(s.session_id, "interview over"))
+        for _ in range(2):
+            await answer(world, "delete_room", Outcome.RETRY)  # down again during the cleanup
+        await answer(world, "delete_room", Outcome.OK)
+        await ending
+        await handle.result()
+        return handle
+
+
+async def room_create_fails(env: WorkflowEnvironment) -> Handle:
+    world = ScriptedWorld()
+    async with rig(env, world) as r:
+        s = spec("roomfail")
+        handle = await r.sessions.start(s)
+        joining = asyncio.ensure_future(r.sessions.join_running(s.session_id, "cand"))
+        await answer(world, "create_room", Outcome.FAIL)  # a wrong API key: final
+        world.settle_all()
+        try:
+            await joining
+        except SessionEnded:
+            pass  # the join waiting for the room is refused: the session has ended (failed)
+        await _closed(handle)
+        return handle
+
+
+async def cancel_after_end(env: WorkflowEnvironment) -> Handle:
+    world = ScriptedWorld()
+    async with rig(env, world) as r:
+        s = spec("latecancel")
+        handle = await r.sessions.start(s)
+        await answer(world, "create_room", Outcome.OK)
+        ending = asyncio.ensure_future(r.sessions.end(s.session_id, "interview over"))
+        await held(world, "delete_room")
+        await handle.cancel()  # arrives while the cleanup runs: the outcome is kept
+        await answer(world, "delete_room", Outcome.OK)
+        await ending
+        await handle.result()
+        return handle
+
+
+async def _closed(handle: Handle) -> None:
+    async def closed() -> bool:
+        return (await handle.describe()).status.name != "RUNNING"  # type: ignore[union-attr]  # describe always has a status
+
+    await eventually(closed, what="the session to close", timeout=30)
+
+
+SCENARIOS: dict[str, Callable[[WorkflowEnvironment], Awaitable[Handle]]] = {
+    f.__name__: f
+    for f in (
+        interview_happy_path, coaching_happy_path, avatar_crash_and_replacement, avatar_rotation, participant_lost,
+        no_show, max_duration, extend, end_during_avatar_start, cancel, terminate_live, worker_killed_mid_start,
+        livekit_down, room_create_fails, cancel_after_end,
+    )
+}
