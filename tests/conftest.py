@@ -6,6 +6,8 @@ Tests that need the local stack read its addresses from the environment that `ma
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from config.settings import Settings
@@ -14,3 +16,16 @@ from config.settings import Settings
 @pytest.fixture(scope="session")
 def settings() -> Settings:
     return Settings()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """`SESSIONFLOW_MUTATION="<name>"` runs the tests against a deliberately broken decision core (one of
+    `tests.replay.mutations.MUTATIONS`), to see which tests catch it (docs/testing.md)."""
+    name = os.environ.get("SESSIONFLOW_MUTATION")
+    if not name:
+        return
+    from tests.replay.mutations import MUTATIONS
+    from workflows.machine import SessionMachine
+
+    method, replacement, _ = MUTATIONS[name]
+    setattr(SessionMachine, method, replacement)
