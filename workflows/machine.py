@@ -766,7 +766,7 @@ class SessionMachine:
             self.avatars[avatar_id] = AvatarSession(avatar_id, identity, phase=AvatarPhase.STOPPING)
             return [*commands, StopAvatarSession(avatar_id)]
         self.avatar.incoming = avatar_id
-        return commands + [StartAvatarSession(avatar_id, token)]
+        return [*commands, StartAvatarSession(avatar_id, token)]
 
     def _on_avatar_started(self, avatar_id: str, now: datetime) -> list[Command]:
         avatar = self._avatar(avatar_id, AvatarStarted(avatar_id))
@@ -867,7 +867,7 @@ class SessionMachine:
             return []  # already stopping or stopped
         self.avatars[avatar_id] = replace(avatar, phase=AvatarPhase.STOPPING)
         commands: list[Command] = [CancelKeepAlive(avatar_id)] if avatar.keepalive else []
-        return commands + [StopAvatarSession(avatar_id)]
+        return [*commands, StopAvatarSession(avatar_id)]
 
     def _plan_rotation(self, now: datetime) -> None:
         """After an extend: a rotation skipped because the session was about to end is needed again."""

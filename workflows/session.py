@@ -57,6 +57,7 @@ with workflow.unsafe.imports_passed_through():
         StopAvatarSession,
         TimerFired,
     )
+    from workflows.models import AvatarCreated as AvatarCreatedResult
     from workflows.models import (
         AvatarRef,
         EndReason,
@@ -71,7 +72,6 @@ with workflow.unsafe.imports_passed_through():
         SessionState,
         StartAvatarInput,
     )
-    from workflows.models import AvatarCreated as AvatarCreatedResult
     from workflows.search_attributes import AVATAR_SESSION_ID, SESSION_STATUS
 
 # Activity options. Cleanup retries forever: a session is not over until everything it holds is released.
@@ -119,7 +119,11 @@ class SessionWorkflow:
             self._apply(CancelRequested(workflow.cancellation_reason()) if cancelled else Failed(_describe(e)))
             await self._cleanup_despite_cancel()
             # A cancel that came after the session had already ended (cleanup running) keeps its outcome.
-            if not (cancelled and self._machine.end_reason is not EndReason.CANCELLED and workflow.patched(PATCH_LATE_CANCEL_KEEPS_OUTCOME)):
+            if not (
+                cancelled
+                and self._machine.end_reason is not EndReason.CANCELLED
+                and workflow.patched(PATCH_LATE_CANCEL_KEEPS_OUTCOME)
+            ):
                 await self._close()
                 raise
         await self._close()
@@ -144,12 +148,16 @@ class SessionWorkflow:
             try:
                 # Wake on the end, or when the next deadline moved (an extend, a join); else when it is due.
                 await self._until(
-                    lambda: self._machine.ending is not None or self._deadline_moved(deadline),
+                    self._ended_or_moved(deadline),
                     timeout=timedelta(seconds=timeout),
                     summary=deadline.name,
                 )
             except TimeoutError:
                 self._apply(TimerFired())
+
+    def _ended_or_moved(self, deadline: Deadline) -> Callable[[], bool]:
+        """The wait's condition for this `deadline` (bound here, not to the loop's variable)."""
+        return lambda: self._machine.ending is not None or self._deadline_moved(deadline)
 
     def _deadline_moved(self, deadline: Deadline) -> bool:
         now = self._machine.next_deadline()
@@ -245,12 +253,22 @@ class SessionWorkflow:
         summary: str,
         succeeded: Callable[[], Event],
         failed: Callable[[str], Event] | None,
-        **options: object,
+        *,
+        start_to_close_timeout: timedelta,
+        retry_policy: RetryPolicy,
+        heartbeat_timeout: timedelta | None = None,
     ) -> None:
         """One activity for one command; its result goes back to the machine as an event. Cleanup steps
         (`failed` None) retry until they succeed: a failure reaching here is a bug."""
         try:
-            await workflow.execute_activity(activity, arg, summary=summary, **options)  # type: ignore[call-overload]  # options are the activity options above
+            await workflow.execute_activity(
+                activity,
+                arg,
+                summary=summary,
+                start_to_close_timeout=start_to_close_timeout,
+                retry_policy=retry_policy,
+                heartbeat_timeout=heartbeat_timeout,  # None: the SDK's own default (no heartbeat)
+            )
         except ActivityError as e:
             if failed is None:
                 raise
@@ -303,7 +321,7 @@ class SessionWorkflow:
         """Admit a participant of the roster and hand back their grant, once the room exists."""
         await workflow.wait_condition(lambda: self._machine.join_decidable)
         token_request = self._ask(lambda: self._machine.admit(request.identity))
-        return await workflow.execute_activity(
+        grant: JoinGrant = await workflow.execute_activity(
             "mint_participant_token",
             token_request,
             result_type=JoinGrant,
@@ -311,6 +329,7 @@ class SessionWorkflow:
             retry_policy=QUICK,
             summary=f"token for {request.identity} ({token_request.role})",
         )
+        return grant
 
     @join.validator
     def _validate_join(self, request: JoinRequest) -> None:
