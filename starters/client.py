@@ -156,9 +156,8 @@ class SessionClient:
         start = WithStartWorkflowOperation(SessionWorkflow.run, spec, **self._start_options(spec))
         return await self._call(
             spec.session_id,
-            self.client.execute_update_with_start_workflow(
-                SessionWorkflow.join, request, start_workflow_operation=start, result_type=JoinGrant
-            ),
+            # The grant's type comes from `SessionWorkflow.join`'s annotation, as for every typed update.
+            self.client.execute_update_with_start_workflow(SessionWorkflow.join, request, start_workflow_operation=start),
         )
 
     async def join_running(self, session_id: str, identity: str) -> JoinGrant:
@@ -174,22 +173,22 @@ class SessionClient:
         )
 
     def _start_options(self, spec: SessionSpec) -> dict[str, Any]:
-        return dict(
-            id=spec.workflow_id,
-            task_queue=self.task_queue,
+        return {
+            "id": spec.workflow_id,
+            "task_queue": self.task_queue,
             # A running session is joined, never duplicated; an ended one never restarts under its id.
-            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
-            id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
-            search_attributes=TypedSearchAttributes(
+            "id_conflict_policy": WorkflowIDConflictPolicy.USE_EXISTING,
+            "id_reuse_policy": WorkflowIDReusePolicy.REJECT_DUPLICATE,
+            "search_attributes": TypedSearchAttributes(
                 [
                     SearchAttributePair(SESSION_ID, spec.session_id),
                     SearchAttributePair(SESSION_KIND, spec.kind.value),
                     SearchAttributePair(SESSION_STATUS, SessionStatus.PROVISIONING.value),
                 ]
             ),
-            static_summary=_summary(spec),
-            static_details=_details(spec),
-        )
+            "static_summary": _summary(spec),
+            "static_details": _details(spec),
+        }
 
     async def end(self, session_id: str, reason: str = "ended by request") -> SessionOutcome:
         """End the session; returns its outcome once its room and avatar are released.
@@ -225,7 +224,8 @@ class SessionClient:
             return SessionOutcome.model_validate(memo["outcome"])
         if description.status is WorkflowExecutionStatus.COMPLETED:
             return await self._call(session_id, self.handle(session_id).result())
-        raise SessionEnded(f"session {session_id!r} {_CLOSED.get(description.status, 'is still running')} and recorded no outcome")
+        closed = _CLOSED.get(description.status) if description.status else None
+        raise SessionEnded(f"session {session_id!r} {closed or 'is still running'} and recorded no outcome")
 
     async def _call(self, session_id: str, call: Awaitable[T]) -> T:
         """Await one Temporal call for `session_id`, turning what Temporal raised into the error a caller can act on."""
