@@ -9,9 +9,10 @@ from __future__ import annotations
 import shlex
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Generator, Iterator
 from pathlib import Path
 
+import pluggy
 import pytest
 
 from sandbox.stack import REPO_ROOT
@@ -70,17 +71,23 @@ async def chaos(
         await scenario.close()
 
 
+# Set on a test's item when its call (or setup) failed, so the teardown report can record it.
+CHAOS_FAILED = pytest.StashKey[bool]()
+
+
 @pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pluggy.Result[pytest.TestReport], None]:
     outcome = yield
     report = outcome.get_result()
     if report.when == "teardown":
-        failed = getattr(item, "_chaos_failed", False) or report.failed
+        failed = item.stash.get(CHAOS_FAILED, False) or report.failed
         for result in RESULTS:
             if result.nodeid == item.nodeid:
                 result.outcome = "FAIL" if failed else "pass"
     elif report.failed:
-        item._chaos_failed = True  # type: ignore[attr-defined]
+        item.stash[CHAOS_FAILED] = True
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

@@ -47,7 +47,7 @@ from sandbox.stack import REPO_ROOT, SERVICE_NAMES, LocalStack, StackPorts
 from starters.client import SessionClient
 from tests.support.polling import eventually
 from tests.support.specs import interview
-from workflows.models import AvatarStart, SessionSpec, SessionState
+from workflows.models import AvatarStart, SessionOutcome, SessionSpec, SessionState
 
 PORT_OFFSET = int(os.environ.get("SESSIONFLOW_CHAOS_PORT_OFFSET", "500"))
 TASK_QUEUE = "chaos"
@@ -95,7 +95,9 @@ class ChaosStack(LocalStack):
         return {**super().subprocess_env(), **self.extra_env}
 
     def settings(self) -> Settings:
-        return Settings(**self.env)  # type: ignore[arg-type]
+        # Keyed by the variables' names (the fields' aliases), valued by their text, parsed as from the environment.
+        values: dict[str, Any] = dict(self.env)
+        return Settings(**values)
 
     @staticmethod
     def ports_for_chaos() -> StackPorts:
@@ -219,7 +221,7 @@ RESULTS: list[ScenarioResult] = []
 # The fields of a session's state that a failed wait shows.
 _STATE_SHOWN = {"status", "avatar_session_id", "avatar_present", "avatar_fallback", "recoveries", "end_detail"}
 
-_STATUS_NAMES = {
+_STATUS_NAMES: dict[WorkflowExecutionStatus | None, str] = {  # None: the server did not say
     WorkflowExecutionStatus.TERMINATED: "terminated",
     WorkflowExecutionStatus.CANCELED: "cancelled",
     WorkflowExecutionStatus.FAILED: "failed",
@@ -324,7 +326,7 @@ class Scenario:
         await self.workers.ensure()
         return identity
 
-    def end_soon(self, spec: SessionSpec, reason: str = "chaos: end") -> asyncio.Task[SessionState]:
+    def end_soon(self, spec: SessionSpec, reason: str = "chaos: end") -> asyncio.Task[SessionOutcome]:
         """Ask the session to end (the `end` update) in the background; the release clock starts now."""
         self.expected[spec.session_id] = "requested"
         self.ended_at.setdefault(spec.session_id, time.monotonic())
@@ -332,10 +334,10 @@ class Scenario:
         self._tasks.append(task)
         return task
 
-    async def end(self, spec: SessionSpec, timeout: float = 60) -> SessionState:
+    async def end(self, spec: SessionSpec, timeout: float = 60) -> SessionOutcome:
         return await self.ended(self.end_soon(spec), timeout)
 
-    async def ended(self, ending: asyncio.Task[SessionState], timeout: float = 60) -> SessionState:
+    async def ended(self, ending: asyncio.Task[SessionOutcome], timeout: float = 60) -> SessionOutcome:
         """The result of an `end_soon`, bounded."""
         return await bounded("the end update to return", asyncio.shield(ending), timeout)
 
@@ -411,7 +413,7 @@ class Scenario:
             return f"unknown ({e.message})"
         if desc.status == WorkflowExecutionStatus.COMPLETED:
             return (await handle.result()).end_reason.value
-        return _STATUS_NAMES.get(desc.status, str(desc.status))  # type: ignore[arg-type]
+        return _STATUS_NAMES.get(desc.status, str(desc.status))
 
     async def settle(self, timeout: float = 45) -> ScenarioResult:
         """Wait (bounded) until every session is released and closed, then judge: no leaked room, no leaked or
@@ -474,7 +476,8 @@ class Scenario:
         if r.leaked_avatars:
             r.problems.append(f"leaked avatar sessions: {r.leaked_avatars}")
         times = list(r.release_s.values())
-        r.max_release_s = None if None in times or not times else max(times)  # type: ignore[type-var]
+        known = [t for t in times if t is not None]
+        r.max_release_s = max(known) if known and len(known) == len(times) else None
         unreleased = [sid for sid, t in r.release_s.items() if t is None]
         if unreleased:
             r.problems.append(f"not released within the deadline: {unreleased}")

@@ -91,7 +91,8 @@ async def replaced(chaos: Scenario, spec: SessionSpec, lost: str, *, lost_end_re
     chaos.note(f"{lost} replaced by {state.avatar_session_id}; recoveries: {state.recoveries}")
     replacements = [r for r in state.recoveries if r.startswith("avatar replacement ")]
     assert len(replacements) == 1, f"expected one avatar replacement, the session recorded {state.recoveries}"
-    new = await _avatar(chaos, state.avatar_session_id)  # type: ignore[arg-type]
+    assert state.avatar_session_id is not None  # back_with_a_new_avatar saw it
+    new = await _avatar(chaos, state.avatar_session_id)
     assert new is not None and new["state"] == "active" and new["avatar_present"], f"the replacement is not live: {new}"
     assert new["livekit_room"] == spec.room_name, new
     await eventually(
