@@ -6,8 +6,9 @@ Against the real LiveKit server and the emulator's fault injection, through the 
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
+from typing import TypeVar
 
 import httpx
 import pytest
@@ -32,6 +33,9 @@ from workflows.models import (
 
 pytestmark = pytest.mark.stack
 
+A = TypeVar("A")
+R = TypeVar("R")
+
 
 def room_input(room: str) -> CreateRoomInput:
     return CreateRoomInput(
@@ -40,11 +44,11 @@ def room_input(room: str) -> CreateRoomInput:
     )
 
 
-async def run(fn, arg):  # type: ignore[no-untyped-def]
+async def run(fn: Callable[[A], Awaitable[R]], arg: A) -> R:
     return await ActivityEnvironment().run(fn, arg)
 
 
-async def raises_app_error(fn, arg, *, type_: str, retryable: bool) -> ApplicationError:  # type: ignore[no-untyped-def]
+async def raises_app_error(fn: Callable[[A], Awaitable[object]], arg: A, *, type_: str, retryable: bool) -> ApplicationError:
     with pytest.raises(ApplicationError) as info:
         await run(fn, arg)
     err = info.value

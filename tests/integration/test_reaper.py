@@ -19,7 +19,13 @@ from datetime import timedelta
 import pytest
 from livekit import api
 from temporalio.api.enums.v1 import PendingActivityState
-from temporalio.client import Client, ScheduleActionStartWorkflow, ScheduleHandle, ScheduleOverlapPolicy
+from temporalio.client import (
+    Client,
+    ScheduleActionExecutionStartWorkflow,
+    ScheduleActionStartWorkflow,
+    ScheduleHandle,
+    ScheduleOverlapPolicy,
+)
 from temporalio.service import RPCError, RPCStatusCode
 
 from activities.liveavatar_client import LiveAvatarClient
@@ -217,7 +223,11 @@ async def test_the_reaper_schedule_is_kept_at_the_current_spec_and_its_sweeps_ru
 
 async def _latest_run(handle: ScheduleHandle) -> str | None:
     actions = (await handle.describe()).info.recent_actions
-    return actions[-1].action.workflow_id if actions else None
+    if not actions:
+        return None
+    started = actions[-1].action
+    assert isinstance(started, ScheduleActionExecutionStartWorkflow), started  # the reaper's schedule only starts workflows
+    return started.workflow_id
 
 
 async def _any(values: AsyncIterator[bool]) -> bool:

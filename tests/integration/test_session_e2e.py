@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 from livekit import api, rtc
@@ -17,7 +19,7 @@ from tests.support.histories import record_history
 from tests.support.livekit import room_names
 from tests.support.polling import eventually
 from tests.support.specs import interview
-from workflows.models import EndReason, SessionStatus, avatar_identity_prefix
+from workflows.models import EndReason, SessionState, SessionStatus, avatar_identity_prefix
 
 pytestmark = pytest.mark.stack
 
@@ -117,7 +119,7 @@ async def test_joining_an_ended_session_is_refused(sessions: SessionClient, live
     ids=["unknown-role", "malformed-session-id", "oversize-metadata", "wrong-type", "bad-duration", "extra-field"],
 )
 async def test_bad_input_is_rejected_before_anything_exists(
-    sessions: SessionClient, livekit: api.LiveKitAPI, change: dict, expected: str  # type: ignore[type-arg]
+    sessions: SessionClient, livekit: api.LiveKitAPI, change: dict[str, Any], expected: str
 ) -> None:
     session_id = f"it-{uuid.uuid4().hex[:10]}"
     raw = interview(session_id=session_id).model_dump(mode="json") | change
@@ -141,6 +143,6 @@ async def _assert_nothing_exists(sessions: SessionClient, livekit: api.LiveKitAP
     assert await room_names(livekit, f"session-{session_id}") == []
 
 
-async def _state_when(sessions: SessionClient, session_id: str, ok):  # type: ignore[no-untyped-def]
+async def _state_when(sessions: SessionClient, session_id: str, ok: Callable[[SessionState], bool]) -> SessionState | None:
     state = await sessions.state(session_id)
     return state if ok(state) else None

@@ -6,12 +6,15 @@ import contextlib
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Literal
 
 from livekit import api, rtc
 
 from sandbox.media import join_room
 
 AUDIO_AND_VIDEO = {rtc.TrackKind.KIND_AUDIO, rtc.TrackKind.KIND_VIDEO}
+# livekit-api's `AccessToken.ParticipantKind`, which a type checker cannot reach inside the class.
+ParticipantKind = Literal["standard", "egress", "ingress", "sip", "agent"]
 
 
 async def room_names(livekit: api.LiveKitAPI, *names: str) -> list[str]:
@@ -30,7 +33,7 @@ class LiveKit:
     api: api.LiveKitAPI
 
     def token(
-        self, room: str, identity: str, *, hidden: bool = False, can_publish_data: bool = True, kind: str = "standard"
+        self, room: str, identity: str, *, hidden: bool = False, can_publish_data: bool = True, kind: ParticipantKind = "standard"
     ) -> str:
         grants = api.VideoGrants(room_join=True, room=room, hidden=hidden, can_publish_data=can_publish_data)
         token = api.AccessToken(self.key, self.secret).with_identity(identity).with_kind(kind).with_grants(grants)
