@@ -123,7 +123,8 @@ async def run_interview(settings: Settings, sessions: SessionClient) -> DemoResu
     console.print(f"[green]✓[/green] session ended: {final.status.value} ({final.end_reason}); cleanup completed")
     console.print(f"  billed avatar time: {final.avatar_seconds:.1f} s over {len(final.avatar_sessions)} avatar session(s)")
 
-    leaked_rooms, leaked_avatars = await check_released(settings, spec, final.avatar_sessions[-1] if final.avatar_sessions else None)
+    last_avatar = final.avatar_sessions[-1] if final.avatar_sessions else None
+    leaked_rooms, leaked_avatars = await check_released(settings, spec, last_avatar)
     handle = sessions.handle(sid)
     await handle.result()  # the workflow closes once its keep-alive has acknowledged the end
     history = await handle.fetch_history()

@@ -25,7 +25,16 @@ from starters.client import (
 from tests.support.polling import eventually
 from tests.support.worlds import StubWorld
 from workflows.machine import SessionMachine
-from workflows.models import EndReason, JoinGrant, RoomEvent, RoomEventKind, SessionOutcome, SessionSpec, SessionState, SessionStatus
+from workflows.models import (
+    EndReason,
+    JoinGrant,
+    RoomEvent,
+    RoomEventKind,
+    SessionOutcome,
+    SessionSpec,
+    SessionState,
+    SessionStatus,
+)
 from workflows.search_attributes import AVATAR_SESSION_ID
 from workflows.session import SessionWorkflow
 
@@ -134,7 +143,7 @@ async def test_end_is_idempotent_and_a_closed_session_says_it_has_ended(sessions
     first = await sessions.end(spec.session_id, "interview over")
     await outcome(sessions, spec)  # closed
     assert await sessions.end(spec.session_id, "again") == first  # the recorded outcome, not a new end
-    with pytest.raises(SessionEnded, match="has ended|ended"):
+    with pytest.raises(SessionEnded, match=r"has ended|ended"):
         await sessions.extend(spec.session_id, timedelta(minutes=1))
     with pytest.raises(SessionEnded):
         await sessions.join_running(spec.session_id, "cand")

@@ -33,8 +33,8 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from temporalio.client import WorkflowExecutionStatus, WorkflowHandle
-from temporalio.testing import WorkflowEnvironment
 from temporalio.service import RPCError, RPCStatusCode
+from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
 from config.settings import Settings
@@ -42,8 +42,8 @@ from starters.client import ExtendBeyondCap, RoomFull, SessionCancelled, Session
 from tests.support.binaries import venv_binary
 from tests.support.polling import eventually
 from tests.support.worlds import OUTCOMES, ScriptedWorld
-from workflows.models import JoinGrant, RoomEvent, RoomEventKind, SessionOutcome, SessionSpec, SessionState
 from workers.temporal import data_converter
+from workflows.models import JoinGrant, RoomEvent, RoomEventKind, SessionOutcome, SessionSpec, SessionState
 from workflows.search_attributes import AVATAR_SESSION_ID, SEARCH_ATTRIBUTES
 from workflows.session import SessionWorkflow
 
