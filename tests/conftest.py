@@ -20,11 +20,11 @@ def settings() -> Settings:
 
 def pytest_configure(config: pytest.Config) -> None:
     """`SESSIONFLOW_MUTATION="<name>"` runs the tests against a deliberately broken decision core (one of
-    `tests.replay.mutations.MUTATIONS`), to see which tests catch it (docs/testing.md)."""
+    `tests.support.mutations.MUTATIONS`), to see which tests catch it (docs/testing.md)."""
     name = os.environ.get("SESSIONFLOW_MUTATION")
     if not name:
         return
-    from tests.replay.mutations import MUTATIONS
+    from tests.support.mutations import MUTATIONS
     from workflows.machine import SessionMachine
 
     method, replacement, _ = MUTATIONS[name]

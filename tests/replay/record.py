@@ -1,6 +1,6 @@
 """Record the replay corpus: `make record-histories` (or `python -m tests.replay.record [NAME ...]`).
 
-Each scenario of `tests/replay/scenarios.py` runs the real workflow on the time-skipping test server, and its
+Each scenario of `tests/support/replay_scenarios.py` runs the real workflow on the time-skipping test server, and its
 history is written to `histories/<name>.<CORPUS_VERSION>.json`. Recording only ever adds: a file that exists
 is left as it is. After a change to what the workflow does, bump CORPUS_VERSION and record again; the new
 histories sit beside the old ones and every one of them must still replay (guard the change with
@@ -10,6 +10,7 @@ histories sit beside the old ones and every one of them must still replay (guard
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from pathlib import Path
 
@@ -17,8 +18,8 @@ from temporalio.api.enums.v1 import IndexedValueType
 from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
 from temporalio.testing import WorkflowEnvironment
 
-from tests.replay.scenarios import SCENARIOS
 from tests.support.binaries import venv_binary
+from tests.support.replay_scenarios import SCENARIOS
 from workers.temporal import data_converter
 from workflows.search_attributes import SEARCH_ATTRIBUTES
 
@@ -63,6 +64,4 @@ async def record(names: list[str]) -> int:
 if __name__ == "__main__":
     rc = asyncio.run(record(sys.argv[1:]))
     sys.stdout.flush()
-    import os
-
     os._exit(rc)  # the Temporal runtime can crash at interpreter exit (sdk-python#300)

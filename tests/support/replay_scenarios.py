@@ -2,12 +2,13 @@
 
 Each scenario drives the real `SessionWorkflow` on the time-skipping test server, with the outside world
 played by `tests.support.worlds` (so no token or key of any real service ends up in a history), and returns
-the workflow handle once the session has closed. `tests/replay/record.py` writes their histories.
+the workflow handle once the session has closed. `tests/replay/record.py` writes their histories (`make record-histories`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -288,10 +289,8 @@ async def room_create_fails(env: WorkflowEnvironment) -> Handle:
         joining = asyncio.ensure_future(r.sessions.join_running(s.session_id, "cand"))
         await answer(world, "create_room", Outcome.FAIL)  # a wrong API key: final
         world.settle_all()
-        try:
-            await joining
-        except SessionEnded:
-            pass  # the join waiting for the room is refused: the session has ended (failed)
+        with contextlib.suppress(SessionEnded):
+            await joining  # the join waiting for the room is refused: the session has ended (failed)
         await _closed(handle)
         return handle
 
