@@ -72,7 +72,7 @@ async def start(sessions: SessionClient, spec: SessionSpec) -> None:
 async def outcome(sessions: SessionClient, spec: SessionSpec) -> SessionOutcome:
     """Wait for the session's result, letting the test server skip time. (The test server skips time for the
     handle `start_workflow` returned, not for one looked up by id, so keep that one.)"""
-    return await _handles[spec.session_id].result()
+    return await asyncio.wait_for(_handles[spec.session_id].result(), timeout=120)  # bounded: a stuck session fails
 
 
 async def joined(sessions: SessionClient, spec: SessionSpec, identity: str) -> None:
@@ -166,7 +166,7 @@ async def test_join_is_refused_with_typed_errors(sessions: SessionClient, world:
     with pytest.raises(SessionEnded, match="has ended \\(requested\\); start a new session id"):
         await sessions.join_running(spec.session_id, "cand")
     world.delete_room_gate.set()
-    await ending
+    await asyncio.wait_for(ending, timeout=30)
 
 
 async def test_cancel_runs_the_cleanup_and_closes_cancelled(sessions: SessionClient, world: StubWorld) -> None:
@@ -330,7 +330,7 @@ async def test_a_cancel_answers_updates_in_flight_with_a_typed_refusal_and_recor
     await sessions.handle(spec.session_id).cancel()
     world.create_room_gate.set()
     with pytest.raises(SessionCancelled, match="has ended \\(cancelled\\)"):
-        await join
+        await asyncio.wait_for(join, timeout=30)
     with pytest.raises(WorkflowFailureError):
         await outcome(sessions, spec)
     assert (await sessions.handle(spec.session_id).describe()).status is WorkflowExecutionStatus.CANCELED
@@ -347,7 +347,7 @@ async def test_a_cancel_after_the_end_keeps_the_outcome(sessions: SessionClient,
     await eventually(lambda: "delete_room" in world.names(), what="the cleanup to start", timeout=10)
     await sessions.handle(spec.session_id).cancel()
     world.delete_room_gate.set()
-    ended = await ending
+    ended = await asyncio.wait_for(ending, timeout=30)
     assert ended.end_reason is EndReason.REQUESTED and ended.end_detail == "interview over"
     assert await outcome(sessions, spec) == ended  # COMPLETED with the outcome, not CANCELED without it
     assert world.names().count("delete_room") == 1
