@@ -141,6 +141,7 @@ class SessionWorkflow:
     async def _live(self) -> None:
         """Run until the machine decides the session ends, waking it at each deadline it names."""
         self._execute(self._machine.begin())
+        workflow.set_current_details(current_details(self._machine.state()))
         while not self._machine.ending:
             deadline = self._machine.next_deadline()
             assert deadline is not None
@@ -192,6 +193,8 @@ class SessionWorkflow:
 
     def _apply(self, event: Event) -> None:
         self._execute(self._machine.handle(event, workflow.now()))
+        # What the UI shows as current details, true after every event (not a command: nothing in history).
+        workflow.set_current_details(current_details(self._machine.state()))
 
     def _execute(self, commands: list[Command]) -> None:
         for command in commands:
@@ -374,6 +377,26 @@ class SessionWorkflow:
             return question()
         except Refusal as r:
             _refuse(r)
+
+
+def current_details(state: SessionState) -> str:
+    """The session as support reads it in the Temporal UI, in Markdown."""
+    lines = [
+        f"**{state.status.value}** · room `{state.room}` · ends at {state.ends_at:%H:%M:%S} UTC",
+        f"present: {', '.join(state.present) or 'nobody'}",
+        f"avatar: {state.avatar_session_id or 'none'}{' (in the room)' if state.avatar_present else ''}",
+    ]
+    if state.reconnecting:
+        lines.append(f"reconnecting: {', '.join(state.reconnecting)}")
+    if state.avatar_fallback:
+        lines.append("continuing without the avatar")
+    if state.recoveries:
+        lines.append("recoveries: " + "; ".join(state.recoveries[-5:]))
+    if state.end_reason:
+        lines.append(f"end: {state.end_reason.value}{f' ({state.end_detail})' if state.end_detail else ''}")
+    elif state.end_detail:
+        lines.append(f"problem: {state.end_detail}")
+    return "\n\n".join(lines)
 
 
 def _refuse(r: Refusal) -> NoReturn:

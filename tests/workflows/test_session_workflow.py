@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from temporalio.api.enums.v1 import EventType
+from temporalio.api.sdk.v1 import WorkflowMetadata
 from temporalio.client import WorkflowExecutionStatus, WorkflowFailureError, WorkflowHandle
 from temporalio.common import SearchAttributeKey
 from temporalio.exceptions import ApplicationError
@@ -387,3 +388,21 @@ async def test_a_bug_fails_the_workflow_task_and_a_fixed_worker_resumes_the_sess
 async def _state_if(sessions: SessionClient, spec: SessionSpec, ok: Any) -> SessionState | None:
     state = await sessions.state(spec.session_id)
     return state if ok(state) else None
+
+
+async def test_the_current_details_tell_what_the_session_is_doing_after_every_change(sessions: SessionClient) -> None:
+    spec = make_spec()
+    await admit(sessions, spec, "cand")
+    handle = sessions.handle(spec.session_id)
+
+    async def details() -> str:
+        metadata = await handle.query("__temporal_workflow_metadata", result_type=WorkflowMetadata)
+        return metadata.current_details
+
+    assert (await details()).startswith("**waiting**") and "present: nobody" in await details()
+    await joined(sessions, spec, "cand")
+    assert (await details()).startswith("**live**") and "present: cand" in await details()
+    await left(sessions, spec, "cand")  # no status change needed for the details to follow
+    assert "reconnecting: cand" in await details()
+    await sessions.end(spec.session_id, "interview over")
+    assert (await details()).startswith("**ended**") and "end: requested (interview over)" in await details()
