@@ -32,7 +32,7 @@ from config.settings import Settings
 from workflows.models import ROOM_PREFIX
 from workflows.reaper_models import ReapReport, ReapRequest
 
-# The search attribute the session workflow records its avatar session id in (workflows.session.AVATAR_SESSION_ID;
+# The search attribute the session workflow records its avatar session id in (workflows.search_attributes.AVATAR_SESSION_ID;
 # named here so activities stay free of workflow code; a unit test keeps the two equal).
 AVATAR_SESSION_ID_ATTRIBUTE = "AvatarSessionId"
 # Only canonical UUIDs ever reach a visibility query (LiveAvatar session ids are UUIDs, §3.5).

@@ -17,7 +17,7 @@ import pytest
 
 from sandbox.stack import REPO_ROOT
 from starters.client import SessionClient
-from tests.chaos.harness import (
+from tests.support.chaos import (
     RESULTS,
     STACK_ENV,
     SUMMARY_FILE,

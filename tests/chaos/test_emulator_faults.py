@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from tests.chaos.harness import IDLE_TIMEOUT_S, RELEASED_BY_US, Scenario
+from tests.support.chaos import IDLE_TIMEOUT_S, RELEASED_BY_US, Scenario
 from tests.support.polling import eventually
 from workflows.models import SessionSpec, SessionState, SessionStatus
 

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from tests.chaos.harness import Scenario
+from tests.support.chaos import Scenario
 
 LIVEKIT_OUTAGE_S = 20
 

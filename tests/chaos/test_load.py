@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from tests.chaos.harness import Scenario
+from tests.support.chaos import Scenario
 
 SESSIONS = 20
 KILL_EVERY_S = (4.0, 8.0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
-from tests.chaos.harness import Scenario
+from tests.support.chaos import Scenario
 
 
 async def test_terminate_live_sessions(chaos: Scenario) -> None:

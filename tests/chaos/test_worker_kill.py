@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.chaos.harness import Scenario
+from tests.support.chaos import Scenario
 
 HELD_S = 8  # how long the fault holds the step in flight: long enough to kill the worker in the middle of it
 
