@@ -678,6 +678,8 @@ class SessionMachine:
 
     def _on_left(self, identity: str, now: datetime) -> list[Command]:
         if self._is_avatar(identity):
+            if identity == self.avatar_identity:
+                self.avatar.present = False
             # Only the serving avatar leaving is a loss; an earlier one leaving is its own release.
             current = self.avatar.current
             if current is not None and identity == self.avatars[current].identity and not self.ending:

@@ -185,7 +185,13 @@ class SessionWorkflow:
 
     async def _close(self) -> None:
         """Let every update in flight get its answer, and keep the outcome where a closed session shows it."""
-        await self._until(workflow.all_handlers_finished)
+        try:
+            await self._until(workflow.all_handlers_finished)
+        except asyncio.CancelledError:
+            # A cancel once everything is released: the handlers still get their answers, the outcome is kept.
+            await self._until(workflow.all_handlers_finished)
+            if not workflow.patched(PATCH_LATE_CANCEL_KEEPS_OUTCOME):
+                raise
         if workflow.patched(PATCH_OUTCOME_MEMO):
             workflow.upsert_memo({"outcome": self._machine.outcome().model_dump(mode="json")})
 

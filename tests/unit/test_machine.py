@@ -1507,3 +1507,12 @@ def test_a_live_session_with_a_working_avatar_releases_everything_too(spec, data
         external_step(world, data)
     drain(world, data)
     world.check_all_released()
+
+
+def test_an_avatar_that_leaves_before_its_start_is_confirmed_is_not_counted_present() -> None:
+    m = live()
+    created(m)  # the avatar session is starting; the emulator's avatar joins the room while /start runs
+    m.handle(ParticipantJoined(AVATAR_IDENTITY), at(1.1))
+    assert m.state().avatar_present
+    m.handle(ParticipantLeft(AVATAR_IDENTITY), at(1.2))
+    assert not m.state().avatar_present
