@@ -254,19 +254,66 @@ async def trace(client: Client, workflow_id: str, call: Call) -> list[dict[str, 
         if event.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_COMPLETED:
             break
     rows.append({"event_id": None, "event": "answer at the client", "detail": "", "at_ms": call.ms})
-    prev = 0.0
+    rows.sort(key=lambda r: r["at_ms"])  # an activity's started event is written late but carries its start time
+    prev: dict[str, Any] | None = None
     for r in rows:
-        r["gap_ms"] = r["at_ms"] - prev
-        prev = r["at_ms"]
+        r["gap_ms"] = r["at_ms"] - (prev["at_ms"] if prev else 0.0)
+        r["spent_in"] = _bucket(prev["event"] if prev else None, r["event"])
+        prev = r
     return rows
+
+
+def _bucket(before: str | None, event: str) -> str:
+    """What the time between two consecutive rows of a trace was spent on."""
+    if before is None:
+        return "client -> server: start recorded"
+    if event == "answer at the client":
+        return "server -> client: answer"
+    if (before, event) == ("workflow task scheduled", "workflow task started"):
+        return "workflow task schedule-to-start"
+    if (before, event) == ("workflow task started", "workflow task completed"):
+        return "workflow task on the worker"
+    if (before, event) == ("activity scheduled", "activity started"):
+        return "activity schedule-to-start"
+    if (before, event) == ("activity started", "activity completed"):
+        return "activity run and report"
+    return "other server steps"
+
+
+BUCKETS = (
+    "client -> server: start recorded", "workflow task schedule-to-start", "workflow task on the worker",
+    "activity schedule-to-start", "activity run and report", "other server steps", "server -> client: answer",
+)
+
+
+def breakdown(traces: list[list[dict[str, Any]]]) -> dict[str, float]:
+    """Mean milliseconds per call spent in each bucket (means add up to the mean call), and workflow tasks per call."""
+    totals = dict.fromkeys(BUCKETS, 0.0)
+    tasks = 0
+    for rows in traces:
+        for r in rows:
+            totals[r["spent_in"]] += r["gap_ms"]
+            tasks += r["event"] == "workflow task completed"
+    out = {k: v / len(traces) for k, v in totals.items()}
+    out["total"] = sum(out[k] for k in BUCKETS)
+    out["workflow tasks per call"] = tasks / len(traces)
+    return out
 
 
 def print_trace(title: str, rows: list[dict[str, Any]]) -> None:
     print(f"\n{title}")
-    print(f"  {'id':>3}  {'event':<28} {'':<24} {'at ms':>8} {'+gap':>8}")
+    print(f"  {'id':>3}  {'event':<26} {'':<23} {'at ms':>7} {'+gap':>7}  gap spent in")
     for r in rows:
         eid = "" if r["event_id"] is None else str(r["event_id"])
-        print(f"  {eid:>3}  {r['event']:<28} {r['detail']:<24} {r['at_ms']:8.1f} {r['gap_ms']:+8.1f}")
+        print(f"  {eid:>3}  {r['event']:<26} {r['detail']:<23} {r['at_ms']:7.1f} {r['gap_ms']:+7.1f}  {r['spent_in']}")
+
+
+def print_breakdowns(results: list[dict[str, Any]]) -> None:
+    print("\nwhere the time goes: mean ms per call, from the history of every measured call (join | floor)")
+    print(f"  {'spent in':<34} " + " ".join(f"{'c=' + str(lv['concurrency']):>15}" for lv in results))
+    for key in (*BUCKETS, "total", "workflow tasks per call"):
+        cells = " ".join(f"{lv['breakdown']['join'][key]:7.1f} |{lv['breakdown']['floor'][key]:6.1f}" for lv in results)
+        print(f"  {key:<34} {cells}")
 
 
 # ---- the run --------------------------------------------------------------------------------------------------
@@ -325,10 +372,23 @@ async def run_level(bench: Bench, concurrency: int, n: int) -> tuple[dict[str, A
     level: dict[str, Any] = {"concurrency": concurrency, "n": n}
     for name, phase in phases.items():
         level[name] = summary(phase.ms, phase.wall_s)
+    level["breakdown"] = {
+        "join": breakdown(await traces_of(bench.client, phases["join"], workflow_id_for)),
+        "floor": breakdown(await traces_of(bench.client, phases["floor"], str)),
+    }
     level["ratios"] = {
         f"join/{base} {q}": level["join"][q] / level[base][q] for base in ("floor", "direct") for q in ("p50", "p99")
     }
     return level, phases
+
+
+async def traces_of(client: Client, phase: Phase, wid: Callable[[str], str]) -> list[list[dict[str, Any]]]:
+    """The trace of every call of `phase`, fetched after it (ten at a time), so the fetching is not measured."""
+    out: list[list[dict[str, Any]]] = []
+    for i in range(0, len(phase.calls), 10):
+        batch = phase.calls[i:i + 10]
+        out += await asyncio.gather(*(trace(client, wid(c.key), c) for c in batch))
+    return out
 
 
 def nearest_p50(phase: Phase) -> Call:
@@ -376,6 +436,8 @@ async def main() -> None:
         print_trace(f"trace of one join (concurrency {c}, the call nearest the p50); ms after the client sent it",
                     traces["join"])
         print_trace(f"trace of one floor call (concurrency {c}, nearest the p50)", traces["floor"])
+    if results:
+        print_breakdowns(results)
     print(f"\ncleanup: {len(bench.ended)} sessions ended, {len(bench.deleted)} direct rooms deleted, "
           f"{len(left)} of the benchmark's rooms still on LiveKit{': ' + ', '.join(left) if left else ''}")
     out = {
