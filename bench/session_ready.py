@@ -336,7 +336,7 @@ def machine() -> dict[str, Any]:
 
     return {
         "nproc": os.cpu_count(),
-        "load_avg": os.getloadavg(),
+        "load_avg_at_end": os.getloadavg(),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "commit": run("git", "rev-parse", "--short", "HEAD"),
@@ -408,9 +408,9 @@ async def main() -> None:
     client = await connect(settings)
     session_tq, floor_tq = f"bench-session-{uuid.uuid4().hex[:6]}", f"bench-floor-{uuid.uuid4().hex[:6]}"
     bench = Bench(client, settings, session_tq, floor_tq)
-    started_at = datetime.now(UTC)
+    started_at, load_at_start = datetime.now(UTC), os.getloadavg()
     print(f"temporal {settings.temporal_address}, livekit {settings.livekit_http_url}; "
-          f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}")
+          f"{os.cpu_count()} cores, load average {load_at_start[0]:.2f}")
     results: list[dict[str, Any]] = []
     traces: dict[str, list[dict[str, Any]]] = {}
     trace_concurrency: int | None = None
@@ -445,7 +445,7 @@ async def main() -> None:
         "started_at": started_at.isoformat(timespec="seconds"),
         "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "args": {"levels": args.levels, "warmup": args.warmup},
-        "machine": machine(),
+        "machine": {**machine(), "load_avg_at_start": load_at_start},
         "stack": {"temporal": settings.temporal_address, "livekit": settings.livekit_http_url},
         "unit": "ms",
         "levels": results,
