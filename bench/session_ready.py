@@ -1,33 +1,64 @@
-"""Session-ready time: `SessionClient.join` (update-with-start) until the grant is back, against a baseline.
+"""Session-ready time: `SessionClient.join` (update-with-start) until the grant is back, at several concurrencies,
+against two baselines measured in the same run at the same concurrency.
 
-    make bench        (or: python -m sandbox exec -- python -m bench.session_ready --sessions 30)
+    make bench        (or: python -m sandbox exec -- python -m bench.session_ready)
+    make bench BENCH_ARGS="--levels 1:30,10:40,50:100 --json .sessionflow/bench-session-ready.json"
 
-The baseline, measured in the same run on the same stack, is an update-with-start of a workflow whose update
-returns at once: Temporal's own floor for "start or join in one call". The session adds room creation on the
-real LiveKit server and token minting, each an activity. Also measured: `end` until the room and avatar are
-released. Prints percentiles and the ratio to the baseline; asserts nothing.
+For each level `c:n`, `c` callers run concurrently (closed loop: each starts its next call as soon as its previous
+one returns) until `n` calls are done. Measured at each level, one after the other:
+
+- **floor**: update-with-start of `FloorWorkflow`, whose update returns at once: Temporal's own floor for "start
+  or join in one call".
+- **direct**: what the session does on LiveKit, without Temporal: `create_room` on the real LiveKit server (a
+  fresh `LiveKitAPI` per call, as the activity does) then `activities.livekit.mint_token`.
+- **join**: `SessionClient.join` of a new session until its grant is back (starts the workflow, creates the
+  room, mints the token).
+- **end**: `SessionClient.end` of each of those sessions until its room is released (no avatar here).
+
+Then the history of one join (the one nearest the p50 at the first level) is printed event by event, relative to
+the moment the client sent the request, beside the history of one floor call. Every session is ended and every
+direct room deleted, also when the run fails. Prints figures and writes them as JSON; asserts nothing.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
+import platform
 import statistics
+import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
 
+from livekit import api
 from temporalio import workflow
+from temporalio.api.enums.v1 import EventType
+from temporalio.api.history.v1 import HistoryEvent
 from temporalio.client import Client, WithStartWorkflowOperation
 from temporalio.common import WorkflowIDConflictPolicy
 from temporalio.worker import Worker
 
+from activities.livekit import mint_token
 from config.settings import Settings
 from starters.client import SessionClient
 from workers.temporal import connect
 from workers.worker import build_worker
-from workflows.models import SessionSpec
+from workflows.machine import PARTICIPANT_TOKEN_TTL
+from workflows.models import MintTokenInput, Role, SessionSpec, workflow_id_for
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_LEVELS = "1:30,10:40,50:100"
+DEFAULT_JSON = ".sessionflow/bench-session-ready.json"
+# Direct-baseline rooms carry this prefix (session rooms are `session-bench-...`), so leftovers are easy to find.
+DIRECT_PREFIX = "bench-direct-"
 
 
 @workflow.defn(sandboxed=False)
@@ -45,68 +76,390 @@ class FloorWorkflow:
         return who
 
 
+# ---- figures --------------------------------------------------------------------------------------------------
+
+
 def pct(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (with n <= 100 samples, p99 is the largest or second largest)."""
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def row(name: str, ms: list[float], base: float | None) -> str:
-    p50 = pct(ms, 0.5)
-    ratio = f"{p50 / base:5.1f}x" if base else "  1.0x"
-    return f"{name:<28} {p50:8.1f} {pct(ms, 0.9):8.1f} {pct(ms, 0.99):8.1f} {statistics.mean(ms):8.1f}   {ratio}"
+def summary(ms: list[float], wall_s: float) -> dict[str, float]:
+    return {
+        "n": len(ms),
+        "p50": pct(ms, 0.5),
+        "p90": pct(ms, 0.9),
+        "p99": pct(ms, 0.99),
+        "max": max(ms),
+        "mean": statistics.mean(ms),
+        "per_s": len(ms) / wall_s if wall_s > 0 else 0.0,
+    }
 
 
-async def floor(client: Client, n: int) -> list[float]:
-    tq = f"bench-floor-{uuid.uuid4().hex[:6]}"
-    out = []
-    async with Worker(client, task_queue=tq, workflows=[FloorWorkflow]):
-        for _ in range(n):
-            op = WithStartWorkflowOperation(
-                FloorWorkflow.run, id=f"floor-{uuid.uuid4().hex}", task_queue=tq,
-                id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
-            )
+@dataclass
+class Call:
+    """One measured call: its duration and the wall-clock time (epoch seconds) the client sent it."""
+
+    ms: float
+    sent: float
+    key: str = ""
+
+
+@dataclass
+class Phase:
+    calls: list[Call] = field(default_factory=list)
+    wall_s: float = 0.0
+
+    @property
+    def ms(self) -> list[float]:
+        return [c.ms for c in self.calls]
+
+
+async def closed_loop(keys: list[str], concurrency: int, op: Callable[[str], Awaitable[None]]) -> Phase:
+    """Run `op(key)` for every key with `concurrency` callers, each taking the next key when it is done."""
+    phase = Phase()
+    todo = iter(keys)
+
+    async def caller() -> None:
+        for key in todo:  # one iterator shared by all callers: each key is taken once
+            sent = time.time()
             t = time.perf_counter()
-            await client.execute_update_with_start_workflow(FloorWorkflow.join, "x", start_workflow_operation=op)
-            out.append((time.perf_counter() - t) * 1000)
+            await op(key)
+            phase.calls.append(Call((time.perf_counter() - t) * 1000, sent, key))
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(caller() for _ in range(min(concurrency, len(keys)))))
+    phase.wall_s = time.perf_counter() - t0
+    return phase
+
+
+# ---- the measured operations ----------------------------------------------------------------------------------
+
+
+def session_spec(session_id: str) -> SessionSpec:
+    return SessionSpec.model_validate(
+        {"session_id": session_id, "kind": "coaching",
+         "participants": [{"identity": "coachee", "role": "candidate"}, {"identity": "coach", "role": "coach"}]}
+    )
+
+
+class Bench:
+    def __init__(self, client: Client, settings: Settings, session_tq: str, floor_tq: str) -> None:
+        self.client = client
+        self.settings = settings
+        self.sessions = SessionClient(client, settings, task_queue=session_tq)
+        self.floor_tq = floor_tq
+        self.started: list[str] = []  # session ids whose join was sent: each is ended
+        self.ended: set[str] = set()
+        self.direct_rooms: list[str] = []  # rooms the direct baseline asked for: each is deleted
+        self.deleted: set[str] = set()
+
+    async def floor(self, wid: str) -> None:
+        op = WithStartWorkflowOperation(
+            FloorWorkflow.run, id=wid, task_queue=self.floor_tq,
+            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+        )
+        await self.client.execute_update_with_start_workflow(FloorWorkflow.join, "x", start_workflow_operation=op)
+
+    async def direct(self, room: str) -> None:
+        """The session's LiveKit work without Temporal: the room as `create_room` asks for it, then the token."""
+        spec = session_spec(room.removeprefix(DIRECT_PREFIX))
+        self.direct_rooms.append(room)
+        s = self.settings
+        async with api.LiveKitAPI(s.livekit_http_url, s.livekit_api_key, s.livekit_api_secret.get_secret_value()) as lk:
+            await lk.room.create_room(
+                api.CreateRoomRequest(
+                    name=room,
+                    empty_timeout=int(spec.no_show_timeout.total_seconds() + 60),
+                    departure_timeout=int(spec.reconnect_grace.total_seconds() + 60),
+                    max_participants=spec.room_capacity,
+                    metadata=json.dumps({"workflow_id": workflow_id_for(spec.session_id), "kind": spec.kind.value}),
+                )
+            )
+        mint_token(s, MintTokenInput(room=room, identity="coachee", role=Role.CANDIDATE, ttl=PARTICIPANT_TOKEN_TTL))
+
+    async def delete_direct(self, room: str) -> None:
+        s = self.settings
+        async with api.LiveKitAPI(s.livekit_http_url, s.livekit_api_key, s.livekit_api_secret.get_secret_value()) as lk:
+            await lk.room.delete_room(api.DeleteRoomRequest(room=room))
+        self.deleted.add(room)
+
+    async def join(self, session_id: str) -> None:
+        self.started.append(session_id)
+        await self.sessions.join(session_spec(session_id), "coachee")
+
+    async def end(self, session_id: str) -> None:
+        await self.sessions.end(session_id, "bench")
+        self.ended.add(session_id)
+
+    async def cleanup(self) -> list[str]:
+        """End every session and delete every direct room not yet released; return what is still on LiveKit."""
+        left = [sid for sid in self.started if sid not in self.ended]
+        rooms = [r for r in self.direct_rooms if r not in self.deleted]
+        for batch in (left[i:i + 20] for i in range(0, len(left), 20)):
+            await asyncio.gather(*(self.end(sid) for sid in batch), return_exceptions=True)
+        for batch in (rooms[i:i + 20] for i in range(0, len(rooms), 20)):
+            await asyncio.gather(*(self.delete_direct(r) for r in batch), return_exceptions=True)
+        s = self.settings
+        async with api.LiveKitAPI(s.livekit_http_url, s.livekit_api_key, s.livekit_api_secret.get_secret_value()) as lk:
+            listed = await lk.room.list_rooms(api.ListRoomsRequest())
+        ours = {workflow_id_for(sid) for sid in self.started} | set(self.direct_rooms)
+        return sorted(r.name for r in listed.rooms if r.name in ours)
+
+
+# ---- the trace of one call ------------------------------------------------------------------------------------
+
+TRACED = {
+    EventType.EVENT_TYPE_WORKFLOW_EXECUTION_STARTED: "workflow started",
+    EventType.EVENT_TYPE_WORKFLOW_TASK_SCHEDULED: "workflow task scheduled",
+    EventType.EVENT_TYPE_WORKFLOW_TASK_STARTED: "workflow task started",
+    EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED: "workflow task completed",
+    EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED: "activity scheduled",
+    EventType.EVENT_TYPE_ACTIVITY_TASK_STARTED: "activity started",
+    EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED: "activity completed",
+    EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_ACCEPTED: "update accepted",
+    EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_COMPLETED: "update completed",
+    EventType.EVENT_TYPE_UPSERT_WORKFLOW_SEARCH_ATTRIBUTES: "search attributes upserted",
+}
+
+
+def _activity_name(event: HistoryEvent, names: dict[int, str]) -> str:
+    if event.HasField("activity_task_scheduled_event_attributes"):
+        name = event.activity_task_scheduled_event_attributes.activity_type.name
+        names[event.event_id] = name
+        return name
+    if event.HasField("activity_task_started_event_attributes"):
+        return names.get(event.activity_task_started_event_attributes.scheduled_event_id, "?")
+    if event.HasField("activity_task_completed_event_attributes"):
+        return names.get(event.activity_task_completed_event_attributes.scheduled_event_id, "?")
+    if event.HasField("workflow_execution_update_accepted_event_attributes"):
+        return event.workflow_execution_update_accepted_event_attributes.accepted_request.input.name
+    return ""
+
+
+async def trace(client: Client, workflow_id: str, call: Call) -> list[dict[str, Any]]:
+    """The events of `workflow_id` up to its first completed update, in ms after `call.sent` (same machine clock),
+    with the gap since the previous row; the last row is the answer reaching the client."""
+    history = await client.get_workflow_handle(workflow_id).fetch_history()
+    rows: list[dict[str, Any]] = []
+    names: dict[int, str] = {}
+    for event in history.events:
+        detail = _activity_name(event, names)
+        label = TRACED.get(event.event_type)
+        if label is None:
+            continue
+        at = event.event_time.ToDatetime(tzinfo=UTC).timestamp()
+        rows.append({"event_id": event.event_id, "event": label, "detail": detail, "at_ms": (at - call.sent) * 1000})
+        if event.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_COMPLETED:
+            break
+    rows.append({"event_id": None, "event": "answer at the client", "detail": "", "at_ms": call.ms})
+    rows.sort(key=lambda r: r["at_ms"])  # an activity's started event is written late but carries its start time
+    prev: dict[str, Any] | None = None
+    for r in rows:
+        r["gap_ms"] = r["at_ms"] - (prev["at_ms"] if prev else 0.0)
+        r["spent_in"] = _bucket(prev["event"] if prev else None, r["event"])
+        prev = r
+    return rows
+
+
+def _bucket(before: str | None, event: str) -> str:
+    """What the time between two consecutive rows of a trace was spent on."""
+    if before is None:
+        return "client -> server: start recorded"
+    if event == "answer at the client":
+        return "server -> client: answer"
+    if (before, event) == ("workflow task scheduled", "workflow task started"):
+        return "workflow task schedule-to-start"
+    if (before, event) == ("workflow task started", "workflow task completed"):
+        return "workflow task on the worker"
+    if (before, event) == ("activity scheduled", "activity started"):
+        return "activity schedule-to-start"
+    if (before, event) == ("activity started", "activity completed"):
+        return "activity run and report"
+    return "other server steps"
+
+
+BUCKETS = (
+    "client -> server: start recorded", "workflow task schedule-to-start", "workflow task on the worker",
+    "activity schedule-to-start", "activity run and report", "other server steps", "server -> client: answer",
+)
+
+
+def breakdown(traces: list[list[dict[str, Any]]]) -> dict[str, float]:
+    """Mean milliseconds per call spent in each bucket (means add up to the mean call), and workflow tasks per call."""
+    totals = dict.fromkeys(BUCKETS, 0.0)
+    tasks = 0
+    for rows in traces:
+        for r in rows:
+            totals[r["spent_in"]] += r["gap_ms"]
+            tasks += r["event"] == "workflow task completed"
+    out = {k: v / len(traces) for k, v in totals.items()}
+    out["total"] = sum(out[k] for k in BUCKETS)
+    out["workflow tasks per call"] = tasks / len(traces)
     return out
 
 
-async def sessions(client: Client, settings: Settings, n: int) -> tuple[list[float], list[float]]:
-    tq = f"bench-session-{uuid.uuid4().hex[:6]}"
-    join_ms, end_ms = [], []
-    async with build_worker(client, settings, task_queue=tq):
-        sc = SessionClient(client, settings, task_queue=tq)
-        for _ in range(n):
-            spec = SessionSpec.model_validate(
-                {"session_id": f"bench-{uuid.uuid4().hex[:10]}", "kind": "coaching",
-                 "participants": [{"identity": "coachee", "role": "candidate"}, {"identity": "coach", "role": "coach"}]}
-            )
-            t = time.perf_counter()
-            await sc.join(spec, "coachee")
-            join_ms.append((time.perf_counter() - t) * 1000)
-            t = time.perf_counter()
-            await sc.end(spec.session_id, "bench")
-            end_ms.append((time.perf_counter() - t) * 1000)
-    return join_ms, end_ms
+def print_trace(title: str, rows: list[dict[str, Any]]) -> None:
+    print(f"\n{title}")
+    print(f"  {'id':>3}  {'event':<26} {'':<23} {'at ms':>7} {'+gap':>7}  gap spent in")
+    for r in rows:
+        eid = "" if r["event_id"] is None else str(r["event_id"])
+        print(f"  {eid:>3}  {r['event']:<26} {r['detail']:<23} {r['at_ms']:7.1f} {r['gap_ms']:+7.1f}  {r['spent_in']}")
+
+
+def print_breakdowns(results: list[dict[str, Any]]) -> None:
+    print("\nwhere the time goes: mean ms per call, from the history of every measured call (join | floor)")
+    print(f"  {'spent in':<34} " + " ".join(f"{'c=' + str(lv['concurrency']):>15}" for lv in results))
+    for key in (*BUCKETS, "total", "workflow tasks per call"):
+        cells = " ".join(f"{lv['breakdown']['join'][key]:7.1f} |{lv['breakdown']['floor'][key]:6.1f}" for lv in results)
+        print(f"  {key:<34} {cells}")
+
+
+# ---- the run --------------------------------------------------------------------------------------------------
+
+
+def parse_levels(text: str) -> list[tuple[int, int]]:
+    levels = []
+    for part in text.split(","):
+        c, _, n = part.partition(":")
+        levels.append((int(c), int(n)))
+    return levels
+
+
+def machine() -> dict[str, Any]:
+    def run(*cmd: str) -> str:
+        try:
+            return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, check=False).stdout.strip()
+        except OSError:
+            return ""
+
+    return {
+        "nproc": os.cpu_count(),
+        "load_avg_at_end": os.getloadavg(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "commit": run("git", "rev-parse", "--short", "HEAD"),
+        "dirty": bool(run("git", "status", "--porcelain", "--untracked-files=no")),
+    }
+
+
+FIGURES = ("p50", "p90", "p99", "max", "mean", "per_s")
+
+
+def print_level(level: dict[str, Any]) -> None:
+    print(f"\nconcurrency {level['concurrency']}, n={level['n']}; milliseconds (per_s: calls completed per second)")
+    print(f"  {'measure':<30} " + " ".join(f"{f:>8}" for f in FIGURES))
+    for key, label in (("floor", "floor: update-with-start"), ("direct", "direct: create_room + mint"),
+                       ("join", "join -> grant"), ("end", "end -> released"), ("direct_delete", "direct: delete_room")):
+        s = level[key]
+        print(f"  {label:<30} " + " ".join(f"{s[f]:8.1f}" for f in FIGURES))
+    r = level["ratios"]
+    print(f"  join/floor  p50 {r['join/floor p50']:5.1f}x   p99 {r['join/floor p99']:5.1f}x")
+    print(f"  join/direct p50 {r['join/direct p50']:5.1f}x   p99 {r['join/direct p99']:5.1f}x")
+
+
+async def run_level(bench: Bench, concurrency: int, n: int) -> tuple[dict[str, Any], dict[str, Phase]]:
+    tag = uuid.uuid4().hex[:6]
+    phases = {
+        "floor": await closed_loop([f"floor-{tag}-{i}" for i in range(n)], concurrency, bench.floor),
+        "direct": await closed_loop([f"{DIRECT_PREFIX}{tag}-{i}" for i in range(n)], concurrency, bench.direct),
+        "join": await closed_loop([f"bench-{tag}-{i}" for i in range(n)], concurrency, bench.join),
+    }
+    phases["end"] = await closed_loop([c.key for c in phases["join"].calls], concurrency, bench.end)
+    phases["direct_delete"] = await closed_loop([c.key for c in phases["direct"].calls], concurrency,
+                                                bench.delete_direct)
+    level: dict[str, Any] = {"concurrency": concurrency, "n": n}
+    for name, phase in phases.items():
+        level[name] = summary(phase.ms, phase.wall_s)
+    level["breakdown"] = {
+        "join": breakdown(await traces_of(bench.client, phases["join"], workflow_id_for)),
+        "floor": breakdown(await traces_of(bench.client, phases["floor"], str)),
+    }
+    level["ratios"] = {
+        f"join/{base} {q}": level["join"][q] / level[base][q] for base in ("floor", "direct") for q in ("p50", "p99")
+    }
+    return level, phases
+
+
+async def traces_of(client: Client, phase: Phase, wid: Callable[[str], str]) -> list[list[dict[str, Any]]]:
+    """The trace of every call of `phase`, fetched after it (ten at a time), so the fetching is not measured."""
+    out: list[list[dict[str, Any]]] = []
+    for i in range(0, len(phase.calls), 10):
+        batch = phase.calls[i:i + 10]
+        out += await asyncio.gather(*(trace(client, wid(c.key), c) for c in batch))
+    return out
+
+
+def nearest_p50(phase: Phase) -> Call:
+    p50 = pct(phase.ms, 0.5)
+    return min(phase.calls, key=lambda c: abs(c.ms - p50))
 
 
 async def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--sessions", type=int, default=30)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--levels", default=DEFAULT_LEVELS,
+                        help=f"concurrency:calls, comma-separated (default {DEFAULT_LEVELS})")
+    parser.add_argument("--warmup", type=int, default=3, help="sequential warm-up calls of each kind (default 3)")
+    parser.add_argument("--json", default=DEFAULT_JSON, help=f"where to write the figures (default {DEFAULT_JSON})")
     args = parser.parse_args()
+    levels = parse_levels(args.levels)
     settings = Settings()
     client = await connect(settings)
-    await floor(client, args.warmup)
-    await sessions(client, settings, args.warmup)
-    base = await floor(client, args.sessions)
-    join_ms, end_ms = await sessions(client, settings, args.sessions)
-    b50 = pct(base, 0.5)
-    print(f"n={args.sessions} sequential, after {args.warmup} warm-ups; milliseconds")
-    print(f"{'measure':<28} {'p50':>8} {'p90':>8} {'p99':>8} {'mean':>8}   vs baseline p50")
-    print(row("baseline update-with-start", base, None))
-    print(row("session join -> grant", join_ms, b50))
-    print(row("session end -> released", end_ms, b50))
+    session_tq, floor_tq = f"bench-session-{uuid.uuid4().hex[:6]}", f"bench-floor-{uuid.uuid4().hex[:6]}"
+    bench = Bench(client, settings, session_tq, floor_tq)
+    started_at, load_at_start = datetime.now(UTC), os.getloadavg()
+    print(f"temporal {settings.temporal_address}, livekit {settings.livekit_http_url}; "
+          f"{os.cpu_count()} cores, load average {load_at_start[0]:.2f}")
+    results: list[dict[str, Any]] = []
+    traces: dict[str, list[dict[str, Any]]] = {}
+    trace_concurrency: int | None = None
+    left: list[str] = []
+    async with build_worker(client, settings, task_queue=session_tq), \
+            Worker(client, task_queue=floor_tq, workflows=[FloorWorkflow]):
+        try:
+            await run_level(bench, 1, args.warmup)  # warm-up: every kind of call, discarded
+            for concurrency, n in levels:
+                level, phases = await run_level(bench, concurrency, n)
+                results.append(level)
+                print_level(level)
+                if not traces:
+                    join_call = nearest_p50(phases["join"])
+                    floor_call = nearest_p50(phases["floor"])
+                    traces["join"] = await trace(client, workflow_id_for(join_call.key), join_call)
+                    traces["floor"] = await trace(client, floor_call.key, floor_call)
+                    trace_concurrency = concurrency
+        finally:
+            left = await bench.cleanup()
+    if traces:
+        c = trace_concurrency
+        print_trace(f"trace of one join (concurrency {c}, the call nearest the p50); ms after the client sent it",
+                    traces["join"])
+        print_trace(f"trace of one floor call (concurrency {c}, nearest the p50)", traces["floor"])
+    if results:
+        print_breakdowns(results)
+    print(f"\ncleanup: {len(bench.ended)} sessions ended, {len(bench.deleted)} direct rooms deleted, "
+          f"{len(left)} of the benchmark's rooms still on LiveKit{': ' + ', '.join(left) if left else ''}")
+    out = {
+        "benchmark": "bench.session_ready",
+        "started_at": started_at.isoformat(timespec="seconds"),
+        "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "args": {"levels": args.levels, "warmup": args.warmup},
+        "machine": {**machine(), "load_avg_at_start": load_at_start},
+        "stack": {"temporal": settings.temporal_address, "livekit": settings.livekit_http_url},
+        "unit": "ms",
+        "levels": results,
+        "trace": traces,
+        "trace_concurrency": trace_concurrency,
+        "rooms_left": left,
+    }
+    write_json(Path(args.json), out)
+    print(f"figures written to {args.json}")
+
+
+def write_json(path: Path, out: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2) + "\n")
 
 
 if __name__ == "__main__":
