@@ -101,6 +101,16 @@ async def answer(world: ScriptedWorld, activity: str, outcome: Outcome) -> None:
     world.answer(next(c for c in world.answerable() if c.activity == activity), outcome)
 
 
+async def avatar_starting(r: Rig, world: ScriptedWorld, name: str) -> tuple[SessionSpec, Handle]:
+    """A session whose avatar (started with the room) is in the middle of its start: the start call is held."""
+    s = spec(name, avatar={"avatar_id": AVATAR, "start": "immediately"})
+    handle = await r.sessions.start(s)
+    await answer(world, "create_room", Outcome.OK)
+    await answer(world, "create_avatar_session", Outcome.OK)
+    await held(world, "start_avatar_session")
+    return s, handle
+
+
 async def interview_happy_path(env: WorkflowEnvironment) -> Handle:
     async with rig(env, StubWorld()) as r:
         s = spec("interview", avatar={"avatar_id": AVATAR})
@@ -208,11 +218,7 @@ async def extend(env: WorkflowEnvironment) -> Handle:
 async def end_during_avatar_start(env: WorkflowEnvironment) -> Handle:
     world = ScriptedWorld()
     async with rig(env, world) as r:
-        s = spec("endstart", avatar={"avatar_id": AVATAR, "start": "immediately"})
-        handle = await r.sessions.start(s)
-        await answer(world, "create_room", Outcome.OK)
-        await answer(world, "create_avatar_session", Outcome.OK)
-        await held(world, "start_avatar_session")
+        s, handle = await avatar_starting(r, world, "endstart")
         ending = asyncio.ensure_future(r.sessions.end(s.session_id, "ended while the avatar was starting"))
         await r.state_is(s, lambda st: st.status == "ending", "the end to be decided")
         await answer(world, "start_avatar_session", Outcome.OK)  # only now may the stop go out
@@ -247,11 +253,7 @@ async def terminate_live(env: WorkflowEnvironment) -> Handle:
 async def worker_killed_mid_start(env: WorkflowEnvironment) -> Handle:
     world = ScriptedWorld()
     async with rig(env, world) as r:
-        s = spec("killstart", avatar={"avatar_id": AVATAR, "start": "immediately"})
-        handle = await r.sessions.start(s)
-        await answer(world, "create_room", Outcome.OK)
-        await answer(world, "create_avatar_session", Outcome.OK)
-        await held(world, "start_avatar_session")
+        s, handle = await avatar_starting(r, world, "killstart")
         await r.stop_worker()  # the worker goes away in the middle of the start
         r.start_worker()
         await answer(world, "start_avatar_session", Outcome.OK)  # the retry, on the new worker

@@ -31,6 +31,15 @@ from workflows.models import (
 )
 
 
+def fake_grant(inp: MintTokenInput) -> JoinGrant:
+    """A grant as `mint_participant_token` returns it, with a token that is no secret of anything."""
+    assert inp.role is not None
+    return JoinGrant(
+        url="ws://fake", room=inp.room, identity=inp.identity, role=inp.role, token="fake-token",
+        expires_at=datetime.now(UTC) + inp.ttl,
+    )
+
+
 @dataclass
 class StubWorld:
     """Stand-ins for LiveKit and LiveAvatar that record every call; faults are set per test."""
@@ -62,11 +71,7 @@ class StubWorld:
     @activity.defn(name="mint_participant_token")
     async def mint_participant_token(self, inp: MintTokenInput) -> JoinGrant:
         self.calls.append(("mint_participant_token", inp.identity))
-        assert inp.role is not None
-        return JoinGrant(
-            url="ws://stub", room=inp.room, identity=inp.identity, role=inp.role, token="stub-token",
-            expires_at=datetime.now(UTC) + inp.ttl,
-        )
+        return fake_grant(inp)
 
     @activity.defn(name="create_avatar_session")
     async def create_avatar_session(self, inp: CreateAvatarInput) -> AvatarCreated:
@@ -234,11 +239,7 @@ class ScriptedWorld:
     async def mint_participant_token(self, inp: MintTokenInput) -> JoinGrant:
         if inp.room not in self.rooms:
             self.violations.append(f"a token for {inp.identity} was minted for room {inp.room}, which does not exist")
-        assert inp.role is not None
-        return JoinGrant(
-            url="ws://fake", room=inp.room, identity=inp.identity, role=inp.role, token="fake-token",
-            expires_at=datetime.now(UTC) + inp.ttl,
-        )
+        return fake_grant(inp)
 
     @activity.defn(name="create_avatar_session")
     async def create_avatar_session(self, inp: CreateAvatarInput) -> AvatarCreated:
