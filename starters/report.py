@@ -115,8 +115,8 @@ def render_session(report: SessionReport) -> str:
     header = [
         ("workflow", report.workflow_status),
         ("status", report.status or "unknown"),
-        ("started", _time(report.started_at)),
-        ("ended", _time(report.ended_at)) if report.ended_at else ("ends at", _time(report.ends_at)),
+        ("started", f"{_time(report.started_at)} UTC"),
+        ("ended", f"{_time(report.ended_at)} UTC") if report.ended_at else ("ends at", f"{_time(report.ends_at)} UTC"),
     ]
     if report.end_reason:
         header.append(("end reason", report.end_reason + (f" ({report.end_detail})" if report.end_detail else "")))
@@ -136,11 +136,14 @@ def render_session(report: SessionReport) -> str:
 
 def render_billing(billing: Sequence[AvatarBilling], now: datetime) -> str:
     """One row per avatar session; one still billing shows the seconds so far."""
-    rows = []
+    rows, total, billing_now = [], 0.0, False
     for b in billing:
         if b.started_at is not None and b.ended_at is None:
-            seconds = f"{(now - b.started_at).total_seconds():.1f} so far"
+            so_far = (now - b.started_at).total_seconds()
+            total, billing_now = total + so_far, True
+            seconds = f"{so_far:.1f} so far"
         else:
+            total += b.seconds
             seconds = f"{b.seconds:.1f}"
         rows.append((
             b.avatar_session_id,
@@ -151,9 +154,9 @@ def render_billing(billing: Sequence[AvatarBilling], now: datetime) -> str:
             b.end_reason or "-",
             b.ended_by.value if b.ended_by else "-",
         ))
-    total = sum(b.seconds for b in billing)
     table = _table(("AVATAR SESSION", "IDENTITY", "START (UTC)", "END (UTC)", "SECONDS", "END REASON", "ENDED BY"), rows)
-    return f"{table}\n  total billed: {total:.1f} s over {len(billing)} avatar session(s)"
+    still = " so far" if billing_now else ""
+    return f"{table}\n  total billed{still}: {total:.1f} s over {len(billing)} avatar session(s)"
 
 
 # ---- finding sessions ----------------------------------------------------------------------------------------

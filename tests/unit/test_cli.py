@@ -95,4 +95,6 @@ def test_a_running_avatar_session_shows_as_billing_so_far() -> None:
     assert first.split()[:2] == ["av-1", "avatar-s-1-1"] and "240.0" in first and first.endswith("liveavatar")
     assert "billing" in second and "30.0 so far" in second and second.rstrip().endswith("-")
     assert "start failed: 502" in third and third.endswith("sessionflow")
-    assert total.strip() == "total billed: 240.0 s over 3 avatar session(s)"
+    assert total.strip() == "total billed so far: 270.0 s over 3 avatar session(s)"
+    *_, total = render_billing([billing[0], billing[2]], now).splitlines()
+    assert total.strip() == "total billed: 240.0 s over 2 avatar session(s)"
