@@ -29,6 +29,7 @@ from temporalio.client import WorkflowFailureError
 from config.settings import get_settings
 from starters.client import SessionClient, SessionError, check_session_id
 from starters.report import MAX_LIST_LIMIT, find_sessions, read_session, render_session, render_sessions, session_filter
+from starters.text import table
 from workers.logging import configure_logging
 from workers.temporal import TemporalUnavailable, connect
 from workers.worker import run_worker
@@ -115,10 +116,7 @@ async def _reap(args: argparse.Namespace) -> int:
         for name in report.skipped_young
     ]
     if rows:
-        width = max(len(name) for _, name, _ in rows)
-        print(f"{'KIND':<7} {'RESOURCE':<{width}}  ACTION")
-        for kind, name, action in rows:
-            print(f"{kind:<7} {name:<{width}}  {action}")
+        print(table(("KIND", "RESOURCE", "ACTION"), rows, indent=""))
     verb = "to release (dry run: nothing was released)" if report.dry_run else "released"
     print(
         f"rooms: {report.rooms_seen} seen, {len(report.rooms_released)} {verb}; "

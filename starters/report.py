@@ -18,6 +18,7 @@ from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.service import RPCError, RPCStatusCode
 
 from starters.client import InvalidInput, SessionClient, SessionEnded, SessionNotFound
+from starters.text import table
 from starters.timeline import Moment, render, timeline
 from workflows.models import ROOM_PREFIX, AvatarBilling, SessionKind, SessionStatus
 from workflows.search_attributes import AVATAR_SESSION_ID, SESSION_ID, SESSION_KIND, SESSION_STATUS
@@ -154,9 +155,9 @@ def render_billing(billing: Sequence[AvatarBilling], now: datetime) -> str:
             b.end_reason or "-",
             b.ended_by.value if b.ended_by else "-",
         ))
-    table = _table(("AVATAR SESSION", "IDENTITY", "START (UTC)", "END (UTC)", "SECONDS", "END REASON", "ENDED BY"), rows)
+    lines = table(("AVATAR SESSION", "IDENTITY", "START (UTC)", "END (UTC)", "SECONDS", "END REASON", "ENDED BY"), rows)
     still = " so far" if billing_now else ""
-    return f"{table}\n  total billed{still}: {total:.1f} s over {len(billing)} avatar session(s)"
+    return f"{lines}\n  total billed{still}: {total:.1f} s over {len(billing)} avatar session(s)"
 
 
 # ---- finding sessions ----------------------------------------------------------------------------------------
@@ -233,7 +234,7 @@ async def find_sessions(client: Client, which: SessionFilter) -> list[SessionRow
 def render_sessions(rows: Sequence[SessionRow]) -> str:
     if not rows:
         return "no sessions match"
-    return _table(
+    return table(
         ("SESSION", "KIND", "STATUS", "STARTED (UTC)"),
         [(r.session_id, r.kind or "?", r.status or "?", _time(r.started_at)) for r in rows],
     )
@@ -248,10 +249,3 @@ def _time(at: datetime | None) -> str:
 
 def _rule(title: str) -> str:
     return f"──────── {title} ────────"
-
-
-def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows, strict=False)]
-    return "\n".join(
-        "  " + "  ".join(f"{cell:<{w}}" for cell, w in zip(line, widths, strict=True)).rstrip() for line in [headers, *rows]
-    )
