@@ -7,10 +7,14 @@ import os
 import sys
 
 import pytest
+from livekit import api
 
+from activities.liveavatar_client import LiveAvatarClient
+from config.settings import DEFAULT_AVATAR_ID
 from sandbox.media import join_room
 from starters.client import SessionClient
 from starters.report import SessionFilter, find_sessions, read_session, render_session, session_filter
+from tests.support.livekit import room_names
 from tests.support.polling import eventually
 from tests.support.specs import interview
 from workflows.models import AvatarEndedBy, SessionState, SessionStatus
@@ -95,6 +99,33 @@ async def test_show_tells_an_avatar_interview_running_and_closed_and_list_finds_
     assert rc == 0 and spec.session_id not in stdout
 
 
+async def test_show_of_a_terminated_session_names_the_avatar_sessions_it_recorded(
+    sessions: SessionClient, livekit: api.LiveKitAPI, liveavatar: LiveAvatarClient
+) -> None:
+    spec = interview(avatar={"avatar_id": DEFAULT_AVATAR_ID, "start": "immediately"})
+    await sessions.join(spec, "cand")  # nobody connects: the avatar starts with the room all the same
+    state = await eventually(
+        lambda: _avatar_billing(sessions, spec.session_id), what="the avatar to start billing", timeout=45
+    )
+    avatar_id = state.avatar_session_id
+    assert avatar_id is not None
+    await sessions.handle(spec.session_id).terminate(reason="test: an operator terminated it")
+
+    # A terminate records no outcome: show says so and names the avatar sessions from the search attribute.
+    report = await read_session(sessions, spec.session_id)
+    assert report.workflow_status == "TERMINATED" and report.billing == []
+    assert report.billing_note is not None and "terminated by an operator and recorded no outcome" in report.billing_note
+    assert report.billing_note.endswith(f"avatar sessions it recorded: {avatar_id}")
+    text = render_session(report)
+    assert "  no avatar sessions" in text and f"  {report.billing_note}" in text
+    assert any(line.endswith("session workflow TERMINATED: test: an operator terminated it") for line in text.splitlines()), text
+
+    async def released() -> bool:  # by the keep-alive net, as for any terminated session
+        return await room_names(livekit, spec.room_name) == [] and (await liveavatar.get_session(avatar_id)).is_ended
+
+    await eventually(released, what="the keep-alive net to release the room and the avatar", timeout=60)
+
+
 async def test_show_of_a_session_that_never_existed_says_so(sessions: SessionClient) -> None:
     rc, stdout, stderr = await sessionflow("show", "never-started-0")
     assert rc == 2 and stdout == ""
@@ -106,6 +137,11 @@ async def _live_with_avatar(sessions: SessionClient, session_id: str) -> Session
     state = await sessions.state(session_id)
     started = [b for b in state.avatar_billing if b.started_at is not None]
     return state if state.status is SessionStatus.LIVE and state.avatar_present and started else None
+
+
+async def _avatar_billing(sessions: SessionClient, session_id: str) -> SessionState | None:
+    state = await sessions.state(session_id)
+    return state if any(b.started_at is not None for b in state.avatar_billing) else None
 
 
 async def _listed(sessions: SessionClient, which: SessionFilter, session_id: str) -> bool:
