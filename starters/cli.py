@@ -4,7 +4,8 @@
     sessionflow join SPEC IDENTITY       start the session in SPEC (JSON file or text) if needed, print a grant
     sessionflow end SESSION_ID [--reason TEXT]
     sessionflow extend SESSION_ID SECONDS
-    sessionflow show SESSION_ID          state, timeline and Temporal UI link of a session
+    sessionflow show SESSION_ID          a session's header, timeline, avatar billing and Temporal UI link
+    sessionflow list [--status S] [--kind K] [--limit N]   sessions by status and kind, newest first
     sessionflow reap [--dry-run] [--grace SECONDS]   sweep for orphaned rooms and avatars now, print the report
 
 The local stack is development tooling, not part of the engine: `python -m sandbox dev` (stack + worker in the
@@ -23,15 +24,16 @@ import uuid
 from datetime import timedelta
 from pathlib import Path
 
-from temporalio.client import WorkflowExecutionStatus, WorkflowFailureError
+from temporalio.client import WorkflowFailureError
 
 from config.settings import get_settings
-from starters.client import SessionClient, SessionError
-from starters.timeline import render, timeline
+from starters.client import SessionClient, SessionError, check_session_id
+from starters.report import MAX_LIST_LIMIT, find_sessions, read_session, render_session, render_sessions, session_filter
+from starters.text import table
 from workers.logging import configure_logging
 from workers.temporal import TemporalUnavailable, connect
 from workers.worker import run_worker
-from workflows.models import ROOM_PREFIX
+from workflows.models import ROOM_PREFIX, SessionKind, SessionStatus
 from workflows.reaper import ReaperWorkflow
 from workflows.reaper_models import ReapReport, ReapRequest
 
@@ -68,17 +70,16 @@ async def _extend(args: argparse.Namespace) -> int:
 
 
 async def _show(args: argparse.Namespace) -> int:
+    check_session_id(args.session_id)  # a malformed id is refused before anything is contacted
     sessions = await SessionClient.connect()
-    handle = sessions.handle(args.session_id)
-    try:
-        desc = await handle.describe()
-    except Exception as e:
-        raise SessionError(f"no session {args.session_id!r} in namespace {sessions.settings.temporal_namespace}: {e}") from None
-    print(f"session {args.session_id}: workflow {desc.status.name if desc.status else '?'}")
-    if desc.status is WorkflowExecutionStatus.RUNNING:
-        print((await sessions.state(args.session_id)).model_dump_json(indent=2))
-    print(render(timeline(await handle.fetch_history(), sessions.client.data_converter)))
-    print(f"Temporal UI: {sessions.ui_url(args.session_id)}")
+    print(render_session(await read_session(sessions, args.session_id)))
+    return 0
+
+
+async def _list(args: argparse.Namespace) -> int:
+    which = session_filter(args.status, args.kind, args.limit)  # refused before anything is contacted
+    client = await connect(get_settings())
+    print(render_sessions(await find_sessions(client, which)))
     return 0
 
 
@@ -115,10 +116,7 @@ async def _reap(args: argparse.Namespace) -> int:
         for name in report.skipped_young
     ]
     if rows:
-        width = max(len(name) for _, name, _ in rows)
-        print(f"{'KIND':<7} {'RESOURCE':<{width}}  ACTION")
-        for kind, name, action in rows:
-            print(f"{kind:<7} {name:<{width}}  {action}")
+        print(table(("KIND", "RESOURCE", "ACTION"), rows, indent=""))
     verb = "to release (dry run: nothing was released)" if report.dry_run else "released"
     print(
         f"rooms: {report.rooms_seen} seen, {len(report.rooms_released)} {verb}; "
@@ -160,9 +158,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("session_id")
     p.add_argument("seconds", type=int)
     p.set_defaults(run=_extend)
-    p = sub.add_parser("show", help="a session's state, timeline and UI link")
+    p = sub.add_parser("show", help="a session's header, timeline, avatar billing and UI link (running or closed)")
     p.add_argument("session_id")
     p.set_defaults(run=_show)
+    # Plain strings, checked by `session_filter`: a bad value is one line and exit 2, like every other mistake.
+    p = sub.add_parser("list", help="find sessions by status and kind (Temporal visibility), newest first")
+    p.add_argument("--status", help=f"one of: {', '.join(s.value for s in SessionStatus)}")
+    p.add_argument("--kind", help=f"one of: {', '.join(k.value for k in SessionKind)}")
+    p.add_argument("--limit", default="20", help=f"at most this many (1-{MAX_LIST_LIMIT}, default 20)")
+    p.set_defaults(run=_list)
     p = sub.add_parser("reap", help="sweep for rooms and avatars no running session owns, now; print the report")
     p.add_argument("--dry-run", action="store_true", help="release nothing, report what would be released")
     p.add_argument("--grace", type=_seconds, metavar="SECONDS", help="spare anything younger (default SESSIONFLOW_REAPER_GRACE)")

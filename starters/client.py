@@ -100,7 +100,8 @@ T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
 
 
-def _check_session_id(session_id: str) -> str:
+def check_session_id(session_id: str) -> str:
+    """`session_id` if it is well formed, else `InvalidInput` saying what a session id looks like."""
     try:
         return _SESSION_ID.validate_python(session_id, strict=True)
     except ValidationError:
@@ -137,7 +138,7 @@ class SessionClient:
         return None
 
     def handle(self, session_id: str) -> WorkflowHandle[SessionWorkflow, SessionOutcome]:
-        return self.client.get_workflow_handle_for(SessionWorkflow.run, workflow_id_for(_check_session_id(session_id)))
+        return self.client.get_workflow_handle_for(SessionWorkflow.run, workflow_id_for(check_session_id(session_id)))
 
     async def join(self, spec: SessionSpec | dict[str, Any], identity: str) -> JoinGrant:
         """Start the session if it is not running yet, admit `identity` and return their grant.

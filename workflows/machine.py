@@ -28,6 +28,8 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 
 from workflows.models import (
+    AvatarBilling,
+    AvatarEndedBy,
     AvatarStart,
     CreateAvatarInput,
     CreateRoomInput,
@@ -339,12 +341,30 @@ class AvatarSession:
     keepalive: bool = False  # its keep-alive activity is running
     billed_from: datetime | None = None
     billed_until: datetime | None = None
+    # Why it was stopped or ended, and by whom: set once, by the first decision (a later one changes nothing).
+    stop_reason: str | None = None
+    ended_by: AvatarEndedBy | None = None
 
     @property
     def billed_seconds(self) -> float:
         if self.billed_from is None or self.billed_until is None:
             return 0.0
         return max((self.billed_until - self.billed_from).total_seconds(), 0.0)
+
+    def ended(self, reason: str, by: AvatarEndedBy = AvatarEndedBy.SESSIONFLOW) -> AvatarSession:
+        """This avatar session with why and by whom it ended, unless that was already decided."""
+        return self if self.stop_reason is not None else replace(self, stop_reason=reason, ended_by=by)
+
+    def billing(self) -> AvatarBilling:
+        return AvatarBilling(
+            avatar_session_id=self.id,
+            identity=self.identity,
+            started_at=self.billed_from,
+            ended_at=self.billed_until,
+            seconds=self.billed_seconds,
+            end_reason=self.stop_reason,
+            ended_by=self.ended_by,
+        )
 
 
 @dataclass
@@ -445,6 +465,10 @@ class SessionMachine:
     @property
     def avatar_seconds(self) -> float:
         return sum(a.billed_seconds for a in self.avatars.values())
+
+    def avatar_billing(self) -> list[AvatarBilling]:
+        """One row per avatar session, in the order they were recorded."""
+        return [a.billing() for a in self.avatars.values()]
 
     @property
     def live_seconds(self) -> float:
@@ -585,9 +609,9 @@ class SessionMachine:
                 avatar = self._avatar(avatar_id, event)
                 if avatar.phase is not AvatarPhase.STOPPING:
                     raise UnexpectedEvent(f"{event!r} while the avatar session is {avatar.phase}")
-                self.avatars[avatar_id] = replace(
-                    avatar, phase=AvatarPhase.STOPPED, billed_until=now if avatar.billed_from else None
-                )
+                # Billing ends with our stop, unless LiveAvatar had already ended the session (billed_until set).
+                billed_until = avatar.billed_until or (now if avatar.billed_from else None)
+                self.avatars[avatar_id] = replace(avatar, phase=AvatarPhase.STOPPED, billed_until=billed_until)
                 return []
             case EndRequested(detail):
                 return self._end(EndReason.REQUESTED, detail, now)
@@ -765,7 +789,9 @@ class SessionMachine:
         commands: list[Command] = [PublishAvatarSessions(tuple(self.avatars))]
         if self.ending:
             # Never started: stop it straight away (harmless, and it can never be started later).
-            self.avatars[avatar_id] = AvatarSession(avatar_id, identity, phase=AvatarPhase.STOPPING)
+            self.avatars[avatar_id] = AvatarSession(avatar_id, identity, phase=AvatarPhase.STOPPING).ended(
+                self._session_ended_reason()
+            )
             return [*commands, StopAvatarSession(avatar_id)]
         self.avatar.incoming = avatar_id
         return [*commands, StartAvatarSession(avatar_id, token)]
@@ -776,7 +802,7 @@ class SessionMachine:
             raise UnexpectedEvent(f"avatar session {avatar_id} started while {avatar.phase}")
         self.avatars[avatar_id] = avatar = replace(avatar, phase=AvatarPhase.LIVE, billed_from=now)
         if avatar.stop_wanted:
-            return self._stop_avatar(avatar_id)
+            return self._stop_avatar(avatar_id, "not wanted once started")  # its reason was set with stop_wanted
         assert self.avatar.incoming == avatar_id, "only the incoming avatar session is started and wanted"
         self.avatar.incoming = None
         previous, self.avatar.current = self.avatar.rotating_from, avatar_id
@@ -790,7 +816,7 @@ class SessionMachine:
         if previous is not None:
             # Rotation: the new avatar took over; the old one goes.
             self.recoveries.append(f"avatar rotated from {previous} to {avatar_id} before its duration cap")
-            commands += self._stop_avatar(previous)
+            commands += self._stop_avatar(previous, f"rotated to {avatar_id} before its duration cap")
         return commands
 
     def _on_avatar_start_failed(self, avatar_id: str, detail: str, now: datetime) -> list[Command]:
@@ -798,7 +824,7 @@ class SessionMachine:
         if avatar.phase is not AvatarPhase.STARTING:
             raise UnexpectedEvent(f"avatar session {avatar_id} failed to start while {avatar.phase}")
         # The start may have reached LiveAvatar before failing: stop it to be sure it does not bill.
-        self.avatars[avatar_id] = replace(avatar, phase=AvatarPhase.STOPPING)
+        self.avatars[avatar_id] = replace(avatar, phase=AvatarPhase.STOPPING).ended(f"start failed: {detail}")
         commands: list[Command] = [StopAvatarSession(avatar_id)]
         if self.avatar.incoming != avatar_id:
             return commands  # no longer wanted anyway (the session is ending)
@@ -809,19 +835,24 @@ class SessionMachine:
         avatar = self._avatar(avatar_id, AvatarEnded(avatar_id, detail))
         if not avatar.keepalive:
             raise UnexpectedEvent(f"avatar session {avatar_id} reported ended with no keep-alive running")
-        self.avatars[avatar_id] = replace(avatar, keepalive=False)
+        avatar = replace(avatar, keepalive=False)
+        vendor_ended = f"ended by LiveAvatar: {detail}"
+        if avatar.phase is AvatarPhase.LIVE:
+            # LiveAvatar ended it before we stopped it: its billing ended then, not when our stop returns.
+            avatar = replace(avatar, billed_until=now).ended(vendor_ended, AvatarEndedBy.LIVEAVATAR)
+        self.avatars[avatar_id] = avatar
         if self.ending or avatar.phase is not AvatarPhase.LIVE:
-            return self._stop_avatar(avatar_id)
+            return self._stop_avatar(avatar_id, vendor_ended)  # already stopping: its reason stands
         detail = f"the avatar session ended: {detail}"
         if avatar_id == self.avatar.current:
             return self._on_current_lost(avatar_id, detail, now)
         if avatar_id == self.avatar.rotating_from:
             # The outgoing avatar ended during a rotation: the incoming one takes over once it has started.
             self.avatar.rotating_from = None
-        return self._stop_avatar(avatar_id)
+        return self._stop_avatar(avatar_id, vendor_ended)
 
     def _on_current_lost(self, avatar_id: str, detail: str, now: datetime) -> list[Command]:
-        commands = self._stop_avatar(avatar_id)
+        commands = self._stop_avatar(avatar_id, f"lost: {detail}")
         if self.avatar.rotating_from == avatar_id:
             self.avatar.rotating_from = None  # the incoming one takes over once it has started
             self.avatar.current = None
@@ -856,9 +887,10 @@ class SessionMachine:
         self._refresh_status()
         return []
 
-    def _stop_avatar(self, avatar_id: str) -> list[Command]:
-        """Stop one avatar session, exactly once, and never before its start has settled."""
-        avatar = self.avatars[avatar_id]
+    def _stop_avatar(self, avatar_id: str, reason: str) -> list[Command]:
+        """Stop one avatar session, exactly once, and never before its start has settled. `reason` is recorded
+        for its billing row, unless an earlier decision already gave one."""
+        self.avatars[avatar_id] = avatar = self.avatars[avatar_id].ended(reason)
         if self.avatar.current == avatar_id:
             self.avatar.current = None
             self.avatar.present = False
@@ -937,10 +969,14 @@ class SessionMachine:
     def _release_all(self) -> list[Command]:
         stops: list[Command] = []
         for avatar_id in list(self.avatars):
-            stops += self._stop_avatar(avatar_id)
+            stops += self._stop_avatar(avatar_id, self._session_ended_reason())
         # Every keep-alive is told to stop before any stop goes out.
         cancels = [c for c in stops if isinstance(c, CancelKeepAlive)]
         return cancels + [c for c in stops if not isinstance(c, CancelKeepAlive)] + self._delete_room()
+
+    def _session_ended_reason(self) -> str:
+        assert self.ending is not None
+        return f"session ended: {self.ending.reason.value}"
 
     def _maybe_close(self, now: datetime) -> list[Command]:
         if not self.ending or self.released:
@@ -978,6 +1014,7 @@ class SessionMachine:
             recoveries=list(self.recoveries),
             end_reason=self.end_reason,
             end_detail=(self.ending.detail if self.ending else None) or plan.problem,
+            avatar_billing=self.avatar_billing(),
         )
 
     def outcome(self) -> SessionOutcome:
@@ -995,6 +1032,7 @@ class SessionMachine:
             avatar_fallback=self.avatar.fallback,
             recoveries=list(self.recoveries),
             participants_joined=list(self.people.joined),
+            avatar_billing=self.avatar_billing(),
         )
 
 

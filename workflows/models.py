@@ -245,6 +245,25 @@ class AvatarRef(Strict):
 # ---- what the outside reads ------------------------------------------------------------------------------
 
 
+class AvatarEndedBy(StrEnum):
+    SESSIONFLOW = "sessionflow"  # the session stopped it (its end, a loss, a rotation, a failed start)
+    LIVEAVATAR = "liveavatar"  # LiveAvatar ended it first (the keep-alive saw it end)
+
+
+class AvatarBilling(BaseModel):
+    """One LiveAvatar session of a session, as it bills: what support reconciles against the invoice."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    avatar_session_id: str
+    identity: str  # its LiveKit identity in the room
+    started_at: datetime | None  # billing started (None: it never started, nothing was billed)
+    ended_at: datetime | None  # billing ended (None: still billing, or it never started)
+    seconds: float  # billed, from started_at to ended_at (0 until it has ended)
+    end_reason: str | None  # why it was stopped or ended (None while it serves)
+    ended_by: AvatarEndedBy | None
+
+
 class SessionState(BaseModel):
     """The `state` query: what support sees when they ask "what is this session doing?"."""
 
@@ -266,6 +285,8 @@ class SessionState(BaseModel):
     recoveries: list[str]
     end_reason: EndReason | None
     end_detail: str | None
+    # Every avatar session so far. A default, so a state from a worker that predates it still parses.
+    avatar_billing: list[AvatarBilling] = Field(default_factory=list)
 
 
 class SessionOutcome(BaseModel):
@@ -281,7 +302,9 @@ class SessionOutcome(BaseModel):
     ended_at: datetime
     live_seconds: float
     avatar_sessions: list[str]
-    avatar_seconds: float
+    avatar_seconds: float  # the sum of avatar_billing's seconds
     avatar_fallback: bool
     recoveries: list[str]
     participants_joined: list[str]
+    # One row per avatar session. A default, so outcomes recorded before it existed (memos, results) still parse.
+    avatar_billing: list[AvatarBilling] = Field(default_factory=list)

@@ -63,6 +63,7 @@ from workflows.machine import (
     UnknownParticipant,
 )
 from workflows.models import (
+    AvatarEndedBy,
     AvatarSpec,
     AvatarStart,
     CreateRoomInput,
@@ -71,6 +72,7 @@ from workflows.models import (
     Participant,
     Role,
     SessionKind,
+    SessionOutcome,
     SessionSpec,
     SessionStatus,
     WhenLost,
@@ -1100,6 +1102,101 @@ def test_outcome_tells_what_the_session_did():
     assert outcome.participants_joined == ["alice", "bob"]
 
 
+# ---- billing: one row per avatar session, saying why and by whom it ended ---------------------------------
+
+
+def billing(m: SessionMachine) -> list[tuple[str, datetime | None, datetime | None, float, str | None, str | None]]:
+    return [
+        (b.avatar_session_id, b.started_at, b.ended_at, b.seconds, b.end_reason, b.ended_by)
+        for b in m.outcome().avatar_billing
+    ]
+
+
+def test_billing_of_a_session_that_ended_normally():
+    m = with_started_avatar(live(), "av-1", at(2))
+    close(m, at(12))
+    assert billing(m) == [("av-1", at(2), at(12), 600.0, "session ended: requested", AvatarEndedBy.SESSIONFLOW)]
+    [row] = m.outcome().avatar_billing
+    assert row.identity == identity(1)
+    assert m.outcome().avatar_seconds == 600.0
+
+
+def test_billing_while_the_session_runs_shows_the_serving_avatar_still_billing():
+    m = with_started_avatar(live(), "av-1", at(2))
+    [row] = m.state().avatar_billing
+    assert row.started_at == at(2) and row.ended_at is None and row.seconds == 0.0
+    assert row.end_reason is None and row.ended_by is None
+
+
+def test_billing_of_a_crash_and_its_replacement():
+    m = with_started_avatar(live(), "av-1", at(2))
+    m.handle(ParticipantJoined(AVATAR_IDENTITY), at(2))
+    assert m.handle(ParticipantLeft(AVATAR_IDENTITY), at(5)) == [
+        PublishStatus(SessionStatus.DEGRADED), CancelKeepAlive("av-1"), StopAvatarSession("av-1"),
+    ]
+    settle(m, [CancelKeepAlive("av-1"), StopAvatarSession("av-1")], at(5.5))
+    creates(m.handle(TimerFired(), at(5) + timedelta(seconds=2)))
+    with_started_avatar(m, "av-2", at(6))
+    close(m, at(10))
+    assert billing(m) == [
+        ("av-1", at(2), at(5.5), 210.0, "lost: the avatar left the room", AvatarEndedBy.SESSIONFLOW),
+        ("av-2", at(6), at(10), 240.0, "session ended: requested", AvatarEndedBy.SESSIONFLOW),
+    ]
+    assert m.outcome().avatar_seconds == 450.0
+
+
+def test_billing_of_a_rotation():
+    m = rotating()  # av-1 billing since 1 min; the rotation to av-2 began at 10 min
+    created(m, "av-2", at(10))
+    settle(m, m.handle(AvatarStarted("av-2"), at(10.5)), at(10.5))
+    close(m, at(15))
+    assert billing(m) == [
+        ("av-1", at(1), at(10.5), 570.0, "rotated to av-2 before its duration cap", AvatarEndedBy.SESSIONFLOW),
+        ("av-2", at(10.5), at(15), 270.0, "session ended: requested", AvatarEndedBy.SESSIONFLOW),
+    ]
+
+
+def test_billing_of_a_start_failure_bills_nothing():
+    m = live()
+    created(m, "av-1", at(2))
+    assert m.handle(AvatarStartFailed("av-1", "502 from LiveAvatar"), at(3))[-1] == StopAvatarSession("av-1")
+    m.handle(AvatarStopped("av-1"), at(3))
+    close(m, at(4))
+    assert billing(m) == [("av-1", None, None, 0.0, "start failed: 502 from LiveAvatar", AvatarEndedBy.SESSIONFLOW)]
+
+
+def test_billing_of_an_avatar_that_liveavatar_ended_stops_when_the_keep_alive_saw_it_end():
+    m = with_started_avatar(live(make_spec(max_replacements=0)), "av-1", at(2))
+    cmds = m.handle(AvatarEnded("av-1", "IDLE_TIMEOUT"), at(4))
+    assert cmds == [PublishStatus(SessionStatus.DEGRADED), StopAvatarSession("av-1")]
+    m.handle(AvatarStopped("av-1"), at(4.5))  # our stop lands later: LiveAvatar stopped billing already
+    close(m, at(8))
+    assert billing(m) == [("av-1", at(2), at(4), 120.0, "ended by LiveAvatar: IDLE_TIMEOUT", AvatarEndedBy.LIVEAVATAR)]
+
+
+def test_billing_keeps_the_first_reason_when_liveavatar_ends_an_avatar_we_are_already_stopping():
+    m = with_started_avatar(live(), "av-1", at(2))
+    m.handle(EndRequested("done"), at(5))
+    m.handle(AvatarEnded("av-1", "stopped by us"), at(5.1))  # the keep-alive saw our own stop
+    settle(m, [DeleteRoom(ROOM), StopAvatarSession("av-1")], at(5.2))
+    assert billing(m) == [("av-1", at(2), at(5.2), 192.0, "session ended: requested", AvatarEndedBy.SESSIONFLOW)]
+
+
+def test_billing_of_an_avatar_created_after_the_end_was_never_started():
+    m = live()
+    m.handle(EndRequested("done"), at(5))
+    settle(m, [*m.handle(AvatarCreated("late", "tok"), at(6)), DeleteRoom(ROOM)], at(7))
+    assert billing(m) == [("late", None, None, 0.0, "session ended: requested", AvatarEndedBy.SESSIONFLOW)]
+
+
+def test_an_outcome_recorded_before_avatar_billing_existed_still_parses():
+    m = with_started_avatar(live(), "av-1", at(2))
+    close(m, at(3))
+    recorded = m.outcome().model_dump(mode="json")
+    del recorded["avatar_billing"]
+    assert SessionOutcome.model_validate(recorded).avatar_billing == []
+
+
 # ---- the simulated world: property tests ----------------------------------------------------------------------
 
 CREATE_ROOM, DELETE_ROOM, CREATE_AVATAR, START_AVATAR, STOP_AVATAR, KEEPALIVE_ACK = (
@@ -1368,6 +1465,11 @@ class World:
         outcome = m.outcome()
         assert outcome.status is m.status and outcome.avatar_sessions == list(self.liveavatar)
         assert outcome.avatar_seconds >= 0 and outcome.live_seconds >= 0
+        # Billing: one row per avatar session, each saying why and by whom it ended; the total is their sum.
+        assert [row.avatar_session_id for row in outcome.avatar_billing] == outcome.avatar_sessions
+        assert all(row.end_reason and row.ended_by for row in outcome.avatar_billing), outcome.avatar_billing
+        assert all((row.started_at is None) == (row.ended_at is None) for row in outcome.avatar_billing)
+        assert outcome.avatar_seconds == pytest.approx(sum(row.seconds for row in outcome.avatar_billing))
 
 
 SPECS = [

@@ -27,6 +27,7 @@ from tests.support.polling import eventually
 from tests.support.worlds import StubWorld
 from workflows.machine import SessionMachine
 from workflows.models import (
+    AvatarEndedBy,
     EndReason,
     JoinGrant,
     RoomEvent,
@@ -35,6 +36,7 @@ from workflows.models import (
     SessionSpec,
     SessionState,
     SessionStatus,
+    avatar_identity_for,
 )
 from workflows.search_attributes import AVATAR_SESSION_ID
 from workflows.session import SessionWorkflow
@@ -227,6 +229,17 @@ async def test_a_lost_avatar_is_replaced_with_backoff(sessions: SessionClient, w
     result = await outcome(sessions, spec)
     assert result.avatar_fallback and result.end_reason is EndReason.REQUESTED
     assert world.names().count("stop_avatar_session") == 3
+    # The billing rows support reads: each avatar session billed from its start until LiveAvatar ended it.
+    ended = "ended by LiveAvatar: AvatarSessionEnded: avatar session ended (IDLE_TIMEOUT)"
+    assert [(b.avatar_session_id, b.identity, b.end_reason, b.ended_by) for b in result.avatar_billing] == [
+        (f"avatar-{n}", avatar_identity_for(spec.session_id, n), ended, AvatarEndedBy.LIVEAVATAR) for n in (1, 2, 3)
+    ]
+    for b in result.avatar_billing:
+        assert b.started_at is not None and b.ended_at is not None and b.started_at <= b.ended_at
+        assert b.seconds == (b.ended_at - b.started_at).total_seconds()
+    assert result.avatar_seconds == pytest.approx(sum(b.seconds for b in result.avatar_billing))
+    # A closed session's outcome comes from its memo, billing rows included.
+    assert (await sessions.recorded_outcome(spec.session_id)).avatar_billing == result.avatar_billing
 
 
 async def test_an_avatar_that_cannot_start_ends_the_session_when_the_policy_says_so(
