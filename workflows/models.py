@@ -253,7 +253,8 @@ class AvatarEndedBy(StrEnum):
 class AvatarBilling(BaseModel):
     """One LiveAvatar session of a session, as it bills: what support reconciles against the invoice."""
 
-    model_config = ConfigDict(extra="forbid")
+    # Read by backends that may run an older or newer release than the worker: tolerate fields they do not know.
+    model_config = ConfigDict(extra="ignore")
 
     avatar_session_id: str
     identity: str  # its LiveKit identity in the room
@@ -267,7 +268,8 @@ class AvatarBilling(BaseModel):
 class SessionState(BaseModel):
     """The `state` query: what support sees when they ask "what is this session doing?"."""
 
-    model_config = ConfigDict(extra="forbid")
+    # Read by backends that may run an older or newer release than the worker: tolerate fields they do not know.
+    model_config = ConfigDict(extra="ignore")
 
     session_id: str
     kind: SessionKind
@@ -292,7 +294,8 @@ class SessionState(BaseModel):
 class SessionOutcome(BaseModel):
     """The workflow result."""
 
-    model_config = ConfigDict(extra="forbid")
+    # Read by backends that may run an older or newer release than the worker: tolerate fields they do not know.
+    model_config = ConfigDict(extra="ignore")
 
     session_id: str
     status: SessionStatus

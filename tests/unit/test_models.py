@@ -351,3 +351,23 @@ def test_end_reason_must_be_1_to_200_chars(reason, kind):
 def test_recovery_settings_out_of_range_are_rejected_and_located(overrides, where):
     loc, _, _ = single_rejection(SessionSpec, spec_data(**overrides))
     assert loc == where
+
+
+def test_what_the_engine_hands_back_tolerates_fields_a_newer_worker_adds() -> None:
+    """Backends and workers deploy apart: an outcome or state with a field this release does not know still reads."""
+    from workflows.models import SessionOutcome, SessionState
+
+    outcome: dict[str, object] = {
+        "session_id": "abc-123", "status": "ended", "end_reason": "requested", "end_detail": None,
+        "started_at": "2026-12-02T10:00:00Z", "ended_at": "2026-12-02T10:30:00Z", "live_seconds": 1700.0,
+        "avatar_sessions": [], "avatar_seconds": 0.0, "avatar_fallback": False, "recoveries": [],
+        "participants_joined": ["cand"], "a_field_from_the_future": 1,
+    }
+    assert SessionOutcome.model_validate(outcome).end_reason == "requested"
+    state: dict[str, object] = {
+        "session_id": "abc-123", "kind": "interview", "status": "live", "room": "session-abc-123",
+        "started_at": "2026-12-02T10:00:00Z", "ends_at": "2026-12-02T11:00:00Z", "present": [], "admitted": [],
+        "avatar_session_id": None, "avatar_identity": None, "avatar_present": False, "avatar_fallback": False,
+        "reconnecting": [], "recoveries": [], "end_reason": None, "end_detail": None, "a_field_from_the_future": 1,
+    }
+    assert SessionState.model_validate(state).status == "live"
