@@ -93,6 +93,8 @@ def timeline(history: WorkflowHistory, converter: DataConverter) -> list[Moment]
         elif t == EventType.EVENT_TYPE_UPSERT_WORKFLOW_SEARCH_ATTRIBUTES:
             fields = e.upsert_workflow_search_attributes_event_attributes.search_attributes.indexed_fields
             for key, payload in fields.items():
+                if key == "TemporalChangeVersion":
+                    continue  # the SDK's record of a `workflow.patched` marker: nothing support needs to read
                 add(e, f"{'status' if key == 'SessionStatus' else key} -> {_value(converter, payload)}")
         elif t == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CANCEL_REQUESTED:
             add(e, "cancel requested")
