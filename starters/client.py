@@ -11,7 +11,9 @@ input is validated before anything reaches Temporal, so bad input changes nothin
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
+import asyncio
+import uuid
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from types import TracebackType
 from typing import Any, Self, TypeVar
@@ -97,6 +99,17 @@ _CLOSED = {
 }
 
 T = TypeVar("T")
+# How long a request keeps being retried while the session's workflow task is being retried ("not ready").
+NOT_READY_RETRY = timedelta(seconds=10)
+
+
+class _NotReady(Exception):
+    """The server's transient "workflow not ready" answer."""
+
+
+def _update_id(name: str) -> str:
+    """One id per request: the server deduplicates a retried update by it."""
+    return f"{name}-{uuid.uuid4()}"
 M = TypeVar("M", bound=BaseModel)
 
 
@@ -154,23 +167,32 @@ class SessionClient:
                 f"{identity!r} is not on the roster of session {spec.session_id!r}; "
                 "add them to the session's participants when starting it"
             )
-        start = WithStartWorkflowOperation(SessionWorkflow.run, spec, **self._start_options(spec))
+        update_id = _update_id("join")
         return await self._call(
             spec.session_id,
-            # The grant's type comes from `SessionWorkflow.join`'s annotation, as for every typed update.
-            self.client.execute_update_with_start_workflow(SessionWorkflow.join, request, start_workflow_operation=start),
+            # The grant's type comes from `SessionWorkflow.join`'s annotation, as for every typed update. A retry
+            # needs a fresh start operation (each is used once); the update id stays, so it is idempotent.
+            lambda: self.client.execute_update_with_start_workflow(
+                SessionWorkflow.join,
+                request,
+                id=update_id,
+                start_workflow_operation=WithStartWorkflowOperation(SessionWorkflow.run, spec, **self._start_options(spec)),
+            ),
         )
 
     async def join_running(self, session_id: str, identity: str) -> JoinGrant:
         """Admit `identity` to a session that is already running (started earlier by `start` or `join`)."""
         request = _validated(JoinRequest, {"identity": identity})
-        return await self._call(session_id, self.handle(session_id).execute_update(SessionWorkflow.join, request))
+        update_id = _update_id("join")
+        return await self._call(
+            session_id, lambda: self.handle(session_id).execute_update(SessionWorkflow.join, request, id=update_id)
+        )
 
     async def start(self, spec: SessionSpec | dict[str, Any]) -> WorkflowHandle[SessionWorkflow, SessionOutcome]:
         """Start the session ahead of its first join (the room is created now); a running one is left as is."""
         spec = _validated(SessionSpec, spec)
         return await self._call(
-            spec.session_id, self.client.start_workflow(SessionWorkflow.run, spec, **self._start_options(spec))
+            spec.session_id, lambda: self.client.start_workflow(SessionWorkflow.run, spec, **self._start_options(spec))
         )
 
     def _start_options(self, spec: SessionSpec) -> dict[str, Any]:
@@ -198,38 +220,64 @@ class SessionClient:
         """
         request = _validated(EndRequest, {"reason": reason})
         try:
-            return await self._call(session_id, self.handle(session_id).execute_update(SessionWorkflow.end, request))
+            update_id = _update_id("end")
+            return await self._call(
+                session_id, lambda: self.handle(session_id).execute_update(SessionWorkflow.end, request, id=update_id)
+            )
         except SessionEnded:
             return await self.recorded_outcome(session_id)
 
     async def extend(self, session_id: str, by: timedelta) -> SessionState:
         request = _validated(ExtendRequest, {"by": by})
-        return await self._call(session_id, self.handle(session_id).execute_update(SessionWorkflow.extend, request))
+        update_id = _update_id("extend")
+        return await self._call(
+            session_id, lambda: self.handle(session_id).execute_update(SessionWorkflow.extend, request, id=update_id)
+        )
 
     async def state(self, session_id: str) -> SessionState:
-        return await self._call(session_id, self.handle(session_id).query(SessionWorkflow.state))
+        return await self._call(session_id, lambda: self.handle(session_id).query(SessionWorkflow.state))
 
     async def outcome(self, session_id: str) -> SessionOutcome:
         """Wait for the session to close and return its outcome (`SessionEnded` if it closed without one)."""
         try:
-            return await self._call(session_id, self.handle(session_id).result())
+            return await self._call(session_id, lambda: self.handle(session_id).result())
         except WorkflowFailureError:
             return await self.recorded_outcome(session_id)
 
     async def recorded_outcome(self, session_id: str) -> SessionOutcome:
         """The outcome a closed session recorded, whatever way it closed; `SessionEnded` when it has none (it
         was terminated, or closed before outcomes were recorded), `SessionNotFound` when there is no such session."""
-        description = await self._call(session_id, self.handle(session_id).describe())
+        description = await self._call(session_id, lambda: self.handle(session_id).describe())
         memo = await description.memo()
         if "outcome" in memo:
             return SessionOutcome.model_validate(memo["outcome"])
         if description.status is WorkflowExecutionStatus.COMPLETED:
-            return await self._call(session_id, self.handle(session_id).result())
+            return await self._call(session_id, lambda: self.handle(session_id).result())
         closed = _CLOSED.get(description.status) if description.status else None
         raise SessionEnded(f"session {session_id!r} {closed or 'is still running'} and recorded no outcome")
 
-    async def _call(self, session_id: str, call: Awaitable[T]) -> T:
-        """Await one Temporal call for `session_id`, turning what Temporal raised into the error a caller can act on."""
+    async def _call(self, session_id: str, call: Callable[[], Awaitable[T]]) -> T:
+        """Make one Temporal call for `session_id`, turning what Temporal raised into the error a caller can act on.
+
+        The server answers "workflow not ready" while the session's workflow task is being retried (for example a
+        completion that lost a race with a new signal); that is transient, so the call is made again, with the same
+        update id, for up to NOT_READY_RETRY.
+        """
+        loop = asyncio.get_running_loop()
+        deadline, delay = loop.time() + NOT_READY_RETRY.total_seconds(), 0.05
+        while True:
+            try:
+                return await self._translated(session_id, call())
+            except _NotReady:
+                if loop.time() >= deadline:
+                    raise SessionError(
+                        f"session {session_id!r} did not accept the request for {NOT_READY_RETRY.total_seconds():g} s "
+                        "(its workflow task keeps failing: see the Temporal UI); it is safe to retry"
+                    ) from None
+                await asyncio.sleep(delay)  # backoff before the same call again
+                delay = min(delay * 2, 1.0)
+
+    async def _translated(self, session_id: str, call: Awaitable[T]) -> T:
         try:
             return await call
         except WorkflowUpdateFailedError as e:
@@ -240,6 +288,10 @@ class SessionClient:
         except WorkflowAlreadyStartedError as e:
             raise SessionEnded(f"session {session_id!r} has ended; start a new session id") from e
         except RPCError as e:
+            if e.status is RPCStatusCode.FAILED_PRECONDITION and any(
+                d.type_url.endswith("WorkflowNotReadyFailure") for d in e.grpc_status.details
+            ):
+                raise _NotReady() from e
             if e.status not in (RPCStatusCode.NOT_FOUND, RPCStatusCode.FAILED_PRECONDITION):
                 raise
             # An update or query to a closed session: say it has ended, never "not found".

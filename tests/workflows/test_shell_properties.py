@@ -261,7 +261,7 @@ async def check(s: Story, status: WorkflowExecutionStatus) -> None:
         except Exception as e:
             if s.terminated:
                 continue
-            raise AssertionError(f"{what} was answered with an untyped error: {e!r}") from e
+            raise AssertionError(f"{what} was answered with an untyped error: {e!r}\n{await diagnose(s)}") from e
         assert isinstance(result, JoinGrant | SessionOutcome | SessionState), f"{what} answered {result!r}"
     if s.terminated and status is WorkflowExecutionStatus.TERMINATED:
         # No workflow code ran: the reaper must be able to find whatever is left.
