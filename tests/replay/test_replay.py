@@ -34,6 +34,8 @@ EXPECTED = {
         "participant_lost", "no_show", "max_duration", "extend", "end_during_avatar_start", "cancel",
         "terminate_live", "worker_killed_mid_start", "livekit_down", "room_create_fails", "cancel_after_end",
     )),
+    # The join's token minted by a local activity (workflow.patched("local-token")).
+    *(f"{name}.v3" for name in ("interview_happy_path", "coaching_happy_path", "livekit_down")),
 }
 
 
