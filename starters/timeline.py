@@ -96,6 +96,10 @@ def timeline(history: WorkflowHistory, converter: DataConverter) -> list[Moment]
                 if key == "TemporalChangeVersion":
                     continue  # the SDK's record of a `workflow.patched` marker: nothing support needs to read
                 add(e, f"{'status' if key == 'SessionStatus' else key} -> {_value(converter, payload)}")
+        elif t == EventType.EVENT_TYPE_MARKER_RECORDED:
+            # A local activity (the join's token) leaves a marker, not activity events; a patch marker says nothing.
+            if e.marker_recorded_event_attributes.marker_name == "core_local_activity":
+                add(e, f"done: {_summary(converter, e) or 'local activity'}")
         elif t == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CANCEL_REQUESTED:
             add(e, "cancel requested")
         elif t == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED:

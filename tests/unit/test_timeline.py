@@ -1,0 +1,21 @@
+"""The timeline support reads (`sessionflow show`, the demo), from a recorded history of the join path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from temporalio.client import WorkflowHistory
+
+from starters.timeline import timeline
+from workers.temporal import data_converter
+
+HISTORY = Path(__file__).parent.parent / "replay" / "histories" / "interview_happy_path.v3.json"
+
+
+def test_the_timeline_shows_each_token_minted_and_hides_the_sdk_patch_markers() -> None:
+    lines = [m.text for m in timeline(WorkflowHistory.from_json("t", HISTORY.read_text()), data_converter())]
+    # Tokens come from a local activity (a marker in history, not activity events): still one line each.
+    assert "done: token for cand (candidate)" in lines
+    assert "done: token for panel (observer)" in lines
+    assert not any("TemporalChangeVersion" in line for line in lines)
+    assert lines[0] == "session workflow started" and lines[-1] == "session workflow completed"
