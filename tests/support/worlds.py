@@ -161,7 +161,6 @@ class ScriptedWorld:
     """
 
     rooms: set[str] = field(default_factory=set)
-    rooms_ever: set[str] = field(default_factory=set)
     avatars: dict[str, str] = field(default_factory=dict)  # id -> created | started | stopped
     held: list[Call] = field(default_factory=list)
     first_calls: Counter[tuple[str, str]] = field(default_factory=Counter)
@@ -224,7 +223,6 @@ class ScriptedWorld:
         outcome = await self._hold("create_room", inp.room)
         if outcome in (Outcome.OK, Outcome.REACHED_FAIL):
             self.rooms.add(inp.room)
-            self.rooms_ever.add(inp.room)
         self._raise(outcome, f"create room {inp.room}")
 
     @activity.defn(name="delete_room")
