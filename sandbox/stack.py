@@ -81,6 +81,7 @@ __all__ = [
     "STATE_FILE",
     "TEMPORAL_DYNAMIC_CONFIG",
     "TEMPORAL_NAMESPACE",
+    "TEMPORAL_SQLITE_PRAGMAS",
     "LiveKitBuildError",
     "LocalStack",
     "PortInUseError",
@@ -116,6 +117,12 @@ TEMPORAL_DYNAMIC_CONFIG = {
     # The server would otherwise phone home to check for new versions: the stack stays on loopback.
     "frontend.enableServerVersionCheck": "false",
 }
+
+#: SQLite settings of the dev server's database. WAL lets readers run beside the writer and commits append to the
+#: log instead of rewriting pages; with ``synchronous=normal`` a commit is durable against a crash of the server
+#: process (what the chaos suite does), though the last commits may be lost if the machine itself loses power:
+#: the right trade for a development stack. ``python -m bench.storage`` measures it against the default.
+TEMPORAL_SQLITE_PRAGMAS: dict[str, str] = {"journal_mode": "wal", "synchronous": "normal"}
 
 #: Every service the stack knows, in start order (stopped in the reverse order).
 SERVICE_NAMES = ("temporal", "livekit", "emulator", "gateway")
@@ -185,6 +192,7 @@ class LocalStack(ChaosControls):
         cache_dir: Path | str | None = None,
         ready_timeout: float = 60.0,
         ui_codec_endpoint: str | None = None,
+        sqlite_pragmas: dict[str, str] | None = None,
         console: Console | None = None,
     ) -> None:
         chosen = set(services)
@@ -197,6 +205,7 @@ class LocalStack(ChaosControls):
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
         self.ready_timeout = ready_timeout
         self.ui_codec_endpoint = ui_codec_endpoint
+        self.sqlite_pragmas = TEMPORAL_SQLITE_PRAGMAS if sqlite_pragmas is None else sqlite_pragmas
         self.console = console or Console(stderr=True, soft_wrap=True)
         self.startup_seconds: dict[str, float] = {}
         self._running: list[RunningService] = []
@@ -383,6 +392,8 @@ class LocalStack(ChaosControls):
                 command += ["--search-attribute", f"{attribute}={kind}"]
             for key, value in TEMPORAL_DYNAMIC_CONFIG.items():
                 command += ["--dynamic-config-value", f"{key}={value}"]
+            for pragma, value in self.sqlite_pragmas.items():
+                command += ["--sqlite-pragma", f"{pragma}={value}"]
             if self.ui_codec_endpoint:
                 command += ["--ui-codec-endpoint", self.ui_codec_endpoint]
             return ServiceSpec(
