@@ -19,8 +19,8 @@ from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
 from temporalio.testing import WorkflowEnvironment
 
 from tests.support.binaries import venv_binary
+from tests.support.codec import corpus_data_converter
 from tests.support.replay_scenarios import SCENARIOS
-from workers.temporal import data_converter
 from workflows.search_attributes import SEARCH_ATTRIBUTES
 
 # The generation of the workflow these histories come from: v1 are the three files without a version in
@@ -40,7 +40,7 @@ async def record(names: list[str]) -> int:
         print(f"no such scenario: {', '.join(unknown)}; known: {', '.join(SCENARIOS)}", file=sys.stderr)
         return 2
     env = await WorkflowEnvironment.start_time_skipping(
-        test_server_existing_path=venv_binary("temporal-test-server"), data_converter=data_converter()
+        test_server_existing_path=venv_binary("temporal-test-server"), data_converter=corpus_data_converter()
     )
     try:
         await env.client.operator_service.add_search_attributes(
