@@ -99,7 +99,9 @@ def test_keys_from_settings_newest_first_and_bad_keys_are_clear_errors() -> None
             parse_keys(bad)
 
 
-def test_no_key_configured_is_a_clear_error() -> None:
+def test_no_key_configured_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SESSIONFLOW_CODEC_KEYS", raising=False)
+    monkeypatch.delenv("SESSIONFLOW_CODEC_KEY_FILE", raising=False)
     settings = Settings.model_validate({"LIVEKIT_API_KEY": "k", "LIVEKIT_API_SECRET": "s"})
     with pytest.raises(CodecKeyError, match="no payload encryption key: set SESSIONFLOW_CODEC_KEYS"):
         data_converter(settings)
