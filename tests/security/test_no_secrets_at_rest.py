@@ -6,6 +6,7 @@ session metadata joins, and the avatar is started (its session token is in histo
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import re
 import signal
@@ -14,7 +15,9 @@ import sys
 import uuid
 from pathlib import Path
 
+import httpx
 import pytest
+from google.protobuf import json_format
 from temporalio.api.common.v1 import Payload
 from temporalio.client import Client, WorkflowHistory
 
@@ -62,16 +65,20 @@ def _history_bytes(history: WorkflowHistory) -> bytes:
     return b"".join(event.SerializeToString() for event in history.events)
 
 
-def _strings_in_payloads(history: WorkflowHistory) -> bytes:
-    found: list[bytes] = []
+def _payloads(history: WorkflowHistory) -> list[Payload]:
+    found: list[Payload] = []
 
     def collect(payload: Payload) -> Payload:
-        found.append(payload.data)
+        found.append(payload)
         return payload
 
     for event in history.events:
         map_payloads(event, collect)
-    return b"\n".join(found)
+    return found
+
+
+def _strings_in_payloads(history: WorkflowHistory) -> bytes:
+    return b"\n".join(p.data for p in _payloads(history))
 
 
 async def test_the_raw_history_holds_no_token_no_key_and_no_name_in_clear(
@@ -124,3 +131,29 @@ async def test_a_worker_logging_at_debug_writes_no_token(
     assert not JWT.search(logged.encode()), "a JWT in the worker's log"
     for secret in [token, *known_secrets(stack)]:
         assert secret not in logged, f"{secret[:6]}… is in the worker's log"
+
+
+async def test_the_temporal_ui_reads_history_through_the_gateways_codec_server(
+    stack: Settings, sessions: SessionClient  # noqa: F811
+) -> None:
+    """The local stack starts the UI with the gateway's codec endpoint: what the UI's browser code does with it
+    (POST <endpoint>/decode from the UI's origin) gives readable payloads, tokens masked."""
+    spec = _personal_spec()
+    token = await _run_session(sessions, spec)
+    raw_client = await Client.connect(stack.temporal_address, namespace=stack.temporal_namespace)
+    raw = await raw_client.get_workflow_handle(spec.workflow_id).fetch_history()
+    body = {"payloads": [json_format.MessageToDict(p) for p in _payloads(raw)]}
+
+    async with httpx.AsyncClient(timeout=10) as http:
+        ui_settings = (await http.get(f"{stack.temporal_ui_url}/api/v1/settings")).json()
+        endpoint = ui_settings["Codec"]["Endpoint"]
+        assert endpoint.startswith(f"http://{stack.gateway_host}:{stack.gateway_port}/codec/"), endpoint
+        decoded = await http.post(f"{endpoint}/decode", json=body,
+                                  headers={"Origin": stack.temporal_ui_url, "X-Namespace": stack.temporal_namespace})
+        bare = await http.post(f"http://{stack.gateway_host}:{stack.gateway_port}/codec/decode", json=body)
+
+    assert decoded.status_code == 200 and decoded.headers["Access-Control-Allow-Origin"] == stack.temporal_ui_url
+    readable = b"\n".join(base64.b64decode(p.get("data", "")) for p in decoded.json()["payloads"])
+    assert spec.participants[0].name and spec.participants[0].name.encode() in readable
+    assert token.encode() not in readable and not JWT.search(readable), "the UI's (support) view shows a token"
+    assert bare.status_code == 401
