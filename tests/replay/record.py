@@ -5,6 +5,10 @@ history is written to `histories/<name>.<CORPUS_VERSION>.json`. Recording only e
 is left as it is. After a change to what the workflow does, bump CORPUS_VERSION and record again; the new
 histories sit beside the old ones and every one of them must still replay (guard the change with
 `workflow.patched`, see tests/replay/test_replay.py).
+
+Histories are written encrypted with the corpus's test key (tests/replay/codec-test-key.json, via
+tests/support/codec.py), like every other file in the corpus; `python -m tests.replay.encrypt` encrypts a
+plaintext history recorded elsewhere.
 """
 
 from __future__ import annotations

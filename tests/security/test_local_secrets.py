@@ -56,3 +56,4 @@ def test_the_state_file_other_processes_read_holds_no_secret(tmp_path: Path) -> 
     for name in SECRET_ENV:
         assert stack.env[name] not in text, f"{name} leaked into {stack.state_file}"
     assert stack.env["LIVEKIT_API_KEY"] in text  # the key id is no secret; the stack is still described
+    assert _mode(stack.state_file) == 0o600  # it names the UI's codec URL (support token) once services run
