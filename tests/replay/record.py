@@ -38,6 +38,15 @@ def history_path(name: str, version: str = CORPUS_VERSION) -> Path:
     return HISTORIES / f"{name}.{version}.json"
 
 
+async def add_search_attributes(env: WorkflowEnvironment) -> None:
+    await env.client.operator_service.add_search_attributes(
+        AddSearchAttributesRequest(
+            namespace=env.client.namespace,
+            search_attributes={k.name: IndexedValueType.ValueType(k.indexed_value_type) for k in SEARCH_ATTRIBUTES},
+        )
+    )
+
+
 async def record(names: list[str]) -> int:
     unknown = sorted(set(names) - set(SCENARIOS))
     if unknown:
@@ -47,12 +56,7 @@ async def record(names: list[str]) -> int:
         test_server_existing_path=venv_binary("temporal-test-server"), data_converter=corpus_data_converter()
     )
     try:
-        await env.client.operator_service.add_search_attributes(
-            AddSearchAttributesRequest(
-                namespace=env.client.namespace,
-                search_attributes={k.name: IndexedValueType.ValueType(k.indexed_value_type) for k in SEARCH_ATTRIBUTES},
-            )
-        )
+        await add_search_attributes(env)
         for name in names or list(SCENARIOS):
             path = history_path(name)
             if path.exists():
