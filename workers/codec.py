@@ -26,7 +26,7 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from google.protobuf.message import DecodeError, Message
-from temporalio.api.common.v1 import Payload, Payloads
+from temporalio.api.common.v1 import Payload
 from temporalio.api.history.v1 import History
 from temporalio.client import WorkflowHistory
 from temporalio.converter import PayloadCodec
@@ -187,7 +187,8 @@ _UNCODED_MESSAGES = frozenset({"temporal.api.common.v1.SearchAttributes", "tempo
 
 def map_payloads(message: Message, transform: Callable[[Payload], Payload]) -> None:
     """Replace, in place, every payload of ``message`` (a history event or any part of one) that an SDK's
-    codec would have encoded with ``transform(payload)``."""
+    codec would have encoded with ``transform(payload)``. tests/replay/test_encrypt.py checks these rules
+    against what the SDK encrypts."""
     if message.DESCRIPTOR.full_name in _UNCODED_MESSAGES:
         return
     is_marker = message.DESCRIPTOR.full_name == "temporal.api.history.v1.MarkerRecordedEventAttributes"
@@ -195,28 +196,15 @@ def map_payloads(message: Message, transform: Callable[[Payload], Payload]) -> N
         if field.message_type is None:
             continue
         if field.message_type.GetOptions().map_entry:
-            for key in list(value):
-                if is_marker and field.name == "details" and key in _CORE_MARKER_KEYS:
-                    continue
-                _map_value(value, key, transform)
-        elif field.is_repeated:
-            for i, item in enumerate(value):
-                if isinstance(item, Payload):
-                    value[i].CopyFrom(transform(item))
-                else:
-                    map_payloads(item, transform)
-        elif isinstance(value, Payload):
-            value.CopyFrom(transform(value))
+            skip = _CORE_MARKER_KEYS if is_marker and field.name == "details" else frozenset()
+            items: Iterable[Message] = [value[key] for key in value if key not in skip]
         else:
-            map_payloads(value, transform)
-
-
-def _map_value(container: object, key: object, transform: Callable[[Payload], Payload]) -> None:
-    item = container[key]  # type: ignore[index]  # a protobuf map of messages; the stubs type it loosely
-    if isinstance(item, Payload):
-        item.CopyFrom(transform(item))
-    elif isinstance(item, Payloads | Message):
-        map_payloads(item, transform)
+            items = value if field.is_repeated else [value]
+        for item in items:
+            if isinstance(item, Payload):
+                item.CopyFrom(transform(item))
+            else:
+                map_payloads(item, transform)
 
 
 async def decode_history(history: WorkflowHistory, codec: PayloadCodec | None) -> WorkflowHistory:
