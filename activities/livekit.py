@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import warnings
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Literal, TypedDict, TypeVar
 
-from jwt.warnings import InsecureKeyLengthWarning
 from livekit import api
 from temporalio import activity
 
@@ -24,10 +22,6 @@ from config.settings import Settings
 from workflows.models import CreateRoomInput, JoinGrant, MintTokenInput, Role
 
 T = TypeVar("T")
-
-# The local server's dev secret ("secret", livekit --dev) is 6 bytes by design, and PyJWT warns about it on
-# every signature, ours and livekit-api's. The LiveKit server itself refuses short secrets outside dev mode.
-warnings.filterwarnings("ignore", category=InsecureKeyLengthWarning, message="The HMAC key is 6 bytes")
 
 # What each role may do in the room. Observers watch; nobody but the engine holds admin.
 class RoleGrants(TypedDict):

@@ -3,7 +3,8 @@
 Every process (worker, gateway, CLI, tests) reads its settings from here, so an environment variable means the
 same thing everywhere. The defaults describe the embedded local stack on 127.0.0.1 (see ``sandbox.stack``);
 setting ``LIVEKIT_URL`` / ``LIVEAVATAR_API_KEY`` / ``TEMPORAL_ADDRESS`` points the same code at real services.
-Secrets have no production defaults: the only ones here are the local LiveKit dev key and the emulator's key.
+Secrets have no defaults: LiveKit credentials and the codec keys must be set (the local stack generates its
+own in its state directory and exports them); the only built-in key is the LiveAvatar emulator's.
 """
 
 from __future__ import annotations
@@ -14,9 +15,6 @@ from pathlib import Path
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-# The local LiveKit server runs with --dev and no keys, which gives exactly this pair (reference/livekit.md §4.1).
-LOCAL_LIVEKIT_API_KEY = "devkey"
-LOCAL_LIVEKIT_API_SECRET = "secret"
 # The LiveAvatar emulator accepts this key; it is not a credential for anything real.
 LOCAL_LIVEAVATAR_API_KEY = "emulator-dev-key"
 # LiveAvatar's public sandbox avatar ("Wayne"); the emulator accepts any uuid.
@@ -42,10 +40,10 @@ class Settings(BaseSettings):
 
     # LiveKit
     livekit_url: str = Field("ws://127.0.0.1:7880", validation_alias=_env("LIVEKIT_URL"))
-    livekit_api_key: str = Field(LOCAL_LIVEKIT_API_KEY, validation_alias=_env("LIVEKIT_API_KEY"))
-    livekit_api_secret: SecretStr = Field(
-        SecretStr(LOCAL_LIVEKIT_API_SECRET), validation_alias=_env("LIVEKIT_API_SECRET")
-    )
+    # No default: the well-known `devkey`/`secret` pair would sign valid tokens for anyone (issue 9). The local
+    # stack generates a pair in its state directory and exports it (sandbox/secrets.py).
+    livekit_api_key: str = Field(validation_alias=_env("LIVEKIT_API_KEY"))
+    livekit_api_secret: SecretStr = Field(validation_alias=_env("LIVEKIT_API_SECRET"))
     # livekit-api ignores its own timeout (reference/livekit.md §1.4): every call is bounded by this.
     livekit_call_timeout_s: float = Field(10.0, validation_alias=_env("SESSIONFLOW_LIVEKIT_CALL_TIMEOUT"))
 
@@ -63,6 +61,16 @@ class Settings(BaseSettings):
     # Gateway (LiveKit webhook receiver)
     gateway_host: str = Field("127.0.0.1", validation_alias=_env("SESSIONFLOW_GATEWAY_HOST"))
     gateway_port: int = Field(8099, validation_alias=_env("SESSIONFLOW_GATEWAY_PORT"))
+
+    # Payload encryption (workers/codec.py): `id:base64key,...` newest first, or a JSON key file. One is required
+    # by every Temporal client; the local stack generates a key in its state directory.
+    codec_keys: SecretStr | None = Field(None, validation_alias=_env("SESSIONFLOW_CODEC_KEYS"))
+    codec_key_file: Path | None = Field(None, validation_alias=_env("SESSIONFLOW_CODEC_KEY_FILE"))
+    # Codec server (starters/codec_server.py): bearer tokens by role, and the one browser origin (the Temporal UI)
+    # allowed to call it. `support` sees tokens masked; `admin` sees everything.
+    codec_admin_token: SecretStr | None = Field(None, validation_alias=_env("SESSIONFLOW_CODEC_ADMIN_TOKEN"))
+    codec_support_token: SecretStr | None = Field(None, validation_alias=_env("SESSIONFLOW_CODEC_SUPPORT_TOKEN"))
+    codec_cors_origin: str | None = Field(None, validation_alias=_env("SESSIONFLOW_CODEC_CORS_ORIGIN"))
 
     # Logging
     log_format: str = Field("auto", validation_alias=_env("SESSIONFLOW_LOG_FORMAT"))  # auto | json | console

@@ -23,6 +23,7 @@ from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 
 from config.settings import Settings, get_settings
+from starters.codec_server import codec_router
 from workers.logging import configure_logging
 from workers.temporal import connect
 from workflows.models import ROOM_PREFIX, RoomEvent, RoomEventKind
@@ -64,6 +65,7 @@ def create_app(settings: Settings, client: Client | None = None) -> FastAPI:
         yield
 
     app = FastAPI(title="sessionflow gateway", lifespan=lifespan)
+    app.include_router(codec_router(settings))  # /codec/encode, /codec/decode for the Temporal UI and CLI
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

@@ -19,10 +19,14 @@ from temporalio.worker import Replayer
 from temporalio.workflow import NondeterminismError
 
 from tests.support.mutations import MUTATIONS
-from workers.temporal import data_converter
 from workflows.machine import SessionMachine
 from workflows.models import SessionOutcome, SessionSpec
 from workflows.session import QUICK, SessionWorkflow
+
+# This module defines a workflow (below), so the workflow sandbox re-imports it; the codec's native crypto
+# library cannot be imported twice and has no business in a workflow: it passes through.
+with workflow.unsafe.imports_passed_through():
+    from tests.support.codec import corpus_data_converter
 
 HISTORY_DIR = Path(__file__).parent / "histories"
 HISTORIES = sorted(HISTORY_DIR.glob("*.json"))
@@ -44,7 +48,7 @@ def load(path: Path) -> WorkflowHistory:
 
 
 async def replay(path: Path, workflow_class: type = SessionWorkflow) -> BaseException | None:
-    replayer = Replayer(workflows=[workflow_class], data_converter=data_converter())
+    replayer = Replayer(workflows=[workflow_class], data_converter=corpus_data_converter())
     return (await replayer.replay_workflow(load(path), raise_on_replay_failure=False)).replay_failure
 
 

@@ -7,13 +7,16 @@ from pathlib import Path
 from temporalio.client import WorkflowHistory
 
 from starters.timeline import timeline
-from workers.temporal import data_converter
+from tests.support.codec import corpus_data_converter
+from workers.codec import decode_history
 
 HISTORY = Path(__file__).parent.parent / "replay" / "histories" / "interview_happy_path.v3.json"
 
 
-def test_the_timeline_shows_each_token_minted_and_hides_the_sdk_patch_markers() -> None:
-    lines = [m.text for m in timeline(WorkflowHistory.from_json("t", HISTORY.read_text()), data_converter())]
+async def test_the_timeline_shows_each_token_minted_and_hides_the_sdk_patch_markers() -> None:
+    converter = corpus_data_converter()  # the corpus is encrypted with its test key (tests/replay/encrypt.py)
+    history = await decode_history(WorkflowHistory.from_json("t", HISTORY.read_text()), converter.payload_codec)
+    lines = [m.text for m in timeline(history, converter)]
     # Tokens come from a local activity (a marker in history, not activity events): still one line each.
     assert "done: token for cand (candidate)" in lines
     assert "done: token for panel (observer)" in lines
