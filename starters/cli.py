@@ -91,7 +91,7 @@ def _seconds(text: str) -> float:
 
 
 async def _reap(args: argparse.Namespace) -> int:
-    """Run one ReaperWorkflow sweep on the worker's task queue and print what it released as a table."""
+    """Run one ReaperWorkflow sweep on the reaper's task queue and print what it released as a table."""
     settings = get_settings()
     request = ReapRequest(grace_seconds=settings.reaper_grace_s if args.grace is None else args.grace, dry_run=args.dry_run)
     client = await connect(settings)
@@ -100,14 +100,14 @@ async def _reap(args: argparse.Namespace) -> int:
             ReaperWorkflow.run,
             request,
             id=f"sessionflow-reap-{uuid.uuid4().hex[:12]}",
-            task_queue=settings.task_queue,
+            task_queue=settings.reaper_task_queue,
             # Nobody polling the queue would leave this waiting forever.
             execution_timeout=timedelta(minutes=2),
         )
     except WorkflowFailureError as e:
         raise SessionError(
-            f"the sweep did not finish: {e.cause}. Is a worker (`sessionflow worker`) running on task queue "
-            f"{settings.task_queue!r}?"
+            f"the sweep did not finish: {e.cause}. Is a worker (`sessionflow worker`) running with reaper task queue "
+            f"{settings.reaper_task_queue!r}?"
         ) from None
     rows = [("room", name, "would release" if report.dry_run else "released") for name in report.rooms_released]
     rows += [("avatar", aid, "would release" if report.dry_run else "released") for aid in report.avatars_released]

@@ -151,7 +151,22 @@ class SessionClient:
         return None
 
     def handle(self, session_id: str) -> WorkflowHandle[SessionWorkflow, SessionOutcome]:
-        return self.client.get_workflow_handle_for(SessionWorkflow.run, workflow_id_for(check_session_id(session_id)))
+        return self.client.get_workflow_handle_for(SessionWorkflow.run, self.workflow_id(check_session_id(session_id)))
+
+    def workflow_id(self, session_id: str) -> str:
+        """The workflow id (and room name) of `session_id` in this client's deployment."""
+        return workflow_id_for(session_id, self.settings.deployment)
+
+    def _in_deployment(self, spec: SessionSpec) -> SessionSpec:
+        """`spec` carrying this client's deployment, which names its workflow and room; another is refused."""
+        if spec.deployment is None:
+            return spec.model_copy(update={"deployment": self.settings.deployment})
+        if spec.deployment != self.settings.deployment:
+            raise InvalidInput(
+                f"session {spec.session_id!r} names deployment {spec.deployment!r}, but this client runs deployment "
+                f"{self.settings.deployment!r} (SESSIONFLOW_DEPLOYMENT); leave `deployment` out of the spec"
+            )
+        return spec
 
     async def join(self, spec: SessionSpec | dict[str, Any], identity: str) -> JoinGrant:
         """Start the session if it is not running yet, admit `identity` and return their grant.
@@ -159,7 +174,7 @@ class SessionClient:
         One call, idempotent per session: the first creates the workflow (update-with-start), later ones join
         the running session. A session that has ended never restarts under the same id.
         """
-        spec = _validated(SessionSpec, spec)
+        spec = self._in_deployment(_validated(SessionSpec, spec))
         request = _validated(JoinRequest, {"identity": identity})
         if spec.participant(request.identity) is None:
             # Caught here too so a wrong identity never starts a session.
@@ -190,7 +205,7 @@ class SessionClient:
 
     async def start(self, spec: SessionSpec | dict[str, Any]) -> WorkflowHandle[SessionWorkflow, SessionOutcome]:
         """Start the session ahead of its first join (the room is created now); a running one is left as is."""
-        spec = _validated(SessionSpec, spec)
+        spec = self._in_deployment(_validated(SessionSpec, spec))
         return await self._call(
             spec.session_id, lambda: self.client.start_workflow(SessionWorkflow.run, spec, **self._start_options(spec))
         )
@@ -313,7 +328,7 @@ class SessionClient:
     def ui_url(self, session_id: str) -> str:
         return (
             f"{self.settings.temporal_ui_url}/namespaces/{self.settings.temporal_namespace}"
-            f"/workflows/{workflow_id_for(session_id)}"
+            f"/workflows/{self.workflow_id(session_id)}"
         )
 
 

@@ -25,7 +25,7 @@ from temporalio.service import RPCError, RPCStatusCode
 from config.settings import Settings, get_settings
 from workers.logging import configure_logging
 from workers.temporal import connect
-from workflows.models import ROOM_PREFIX, RoomEvent, RoomEventKind
+from workflows.models import RoomEvent, RoomEventKind, deployment_prefix
 from workflows.session import SessionWorkflow
 
 log = structlog.get_logger("sessionflow.gateway")
@@ -38,10 +38,17 @@ _KINDS = {
 }
 
 
-def room_event_from_webhook(event: api.WebhookEvent) -> RoomEvent | None:
-    """The session signal for a LiveKit webhook event, or None when the session need not hear of it."""
+def session_workflow_id(room: str, deployment: str) -> str | None:
+    """The workflow that owns `room` (a room's name is its session's workflow id), or None when the room is not
+    one of this deployment's: another app's, or another deployment's on the same LiveKit project."""
+    return room if room.startswith(deployment_prefix(deployment)) else None
+
+
+def room_event_from_webhook(event: api.WebhookEvent, deployment: str) -> RoomEvent | None:
+    """The session signal for a LiveKit webhook event, or None when the session need not hear of it (or the
+    room is not this deployment's)."""
     kind = _KINDS.get(event.event)
-    if kind is None or not event.room.name.startswith(ROOM_PREFIX):
+    if kind is None or session_workflow_id(event.room.name, deployment) is None:
         return None
     identity = event.participant.identity or None
     if kind is not RoomEventKind.ROOM_FINISHED:
@@ -78,10 +85,10 @@ def create_app(settings: Settings, client: Client | None = None) -> FastAPI:
         except Exception as e:
             log.warning("webhook rejected", reason=str(e) or type(e).__name__)
             raise HTTPException(status_code=401, detail="invalid webhook signature") from None
-        room_event = room_event_from_webhook(event)
-        if room_event is None:
+        room_event = room_event_from_webhook(event, settings.deployment)
+        workflow_id = session_workflow_id(event.room.name, settings.deployment)
+        if room_event is None or workflow_id is None:
             return {"status": "ignored"}
-        workflow_id = event.room.name
         handle = request.app.state.temporal.get_workflow_handle(workflow_id)
         try:
             await handle.signal(SessionWorkflow.room_event, room_event)

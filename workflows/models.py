@@ -21,14 +21,24 @@ Identity = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]
 DisplayName = Annotated[str, StringConstraints(min_length=1, max_length=128)]
 
 ROOM_PREFIX = "session-"
+# A deployment's name (settings `SESSIONFLOW_DEPLOYMENT`): no '-', so one deployment's prefix never starts another's.
+Deployment = Annotated[str, StringConstraints(pattern=r"^[a-z0-9]{1,20}$")]
 MAX_METADATA_BYTES = 4096
 # Identities the engine itself uses in a room; a human participant may not take them.
 RESERVED_IDENTITY_PREFIXES = ("avatar-", "monitor-")
 
 
-def workflow_id_for(session_id: str) -> str:
-    """The workflow id, which is also the LiveKit room name: every resource we create carries it."""
-    return f"{ROOM_PREFIX}{session_id}"
+def deployment_prefix(deployment: str) -> str:
+    """Every workflow id and room name of `deployment` starts with this, and nothing of another's does."""
+    return f"{ROOM_PREFIX}{deployment}-"
+
+
+def workflow_id_for(session_id: str, deployment: str | None = None) -> str:
+    """The workflow id, which is also the LiveKit room name: every resource we create carries it.
+
+    `session-<deployment>-<id>`; without a deployment the older `session-<id>` (sessions started before
+    deployments existed keep their names, and their histories replay unchanged)."""
+    return f"{deployment_prefix(deployment)}{session_id}" if deployment else f"{ROOM_PREFIX}{session_id}"
 
 
 def avatar_identity_for(session_id: str, n: int) -> str:
@@ -121,6 +131,9 @@ class SessionSpec(Strict):
 
     session_id: SessionId
     kind: SessionKind
+    # Set by SessionClient from its settings (a caller may leave it out); None only in sessions started before
+    # deployments existed, whose rooms keep the older names.
+    deployment: Deployment | None = None
     participants: Annotated[list[Participant], Field(min_length=1, max_length=50)]
     avatar: AvatarSpec | None = None
     max_duration: Annotated[timedelta, Field(ge=timedelta(seconds=30), le=timedelta(hours=8))] = timedelta(hours=1)
@@ -149,11 +162,11 @@ class SessionSpec(Strict):
 
     @property
     def workflow_id(self) -> str:
-        return workflow_id_for(self.session_id)
+        return workflow_id_for(self.session_id, self.deployment)
 
     @property
     def room_name(self) -> str:
-        return workflow_id_for(self.session_id)
+        return workflow_id_for(self.session_id, self.deployment)
 
     @property
     def room_capacity(self) -> int:
