@@ -47,6 +47,9 @@ from workflows.models import (
 # A fresh avatar session is started this long before the current one reaches its max_session_duration.
 ROTATION_MARGIN = timedelta(seconds=60)
 PARTICIPANT_TOKEN_TTL = timedelta(minutes=15)  # LiveKit refreshes the token of a connected client
+# A participant's token expires at the latest this long after the session's hard cap (max_duration_cap): a token
+# that outlives its session can re-create the room on a server that auto-creates rooms (LiveKit Cloud).
+TOKEN_GRACE = timedelta(minutes=1)
 # LiveKit keeps the room this long after the last person leaves, on top of their reconnect grace.
 DEPARTURE_MARGIN = timedelta(minutes=1)
 # Besides the roster, the room holds the engine's own participants: the avatar and the room monitor.
@@ -545,8 +548,12 @@ class SessionMachine:
             )
         ]
 
-    def admit(self, identity: str) -> MintTokenInput:
-        """Admit `identity` (raises a typed refusal) and say which token to mint for them."""
+    def admit(self, identity: str, now: datetime | None = None) -> MintTokenInput:
+        """Admit `identity` (raises a typed refusal) and say which token to mint for them.
+
+        With `now`, the token expires no later than the session may last (`participant_token_ttl`); without it,
+        after PARTICIPANT_TOKEN_TTL, as sessions that started before the bound existed keep doing.
+        """
         self.check_join(identity)
         participant = self.spec.participant(identity)
         assert participant is not None
@@ -556,8 +563,13 @@ class SessionMachine:
             identity=participant.identity,
             name=participant.name,
             role=participant.role,
-            ttl=PARTICIPANT_TOKEN_TTL,
+            ttl=PARTICIPANT_TOKEN_TTL if now is None else self.participant_token_ttl(now),
         )
+
+    def participant_token_ttl(self, now: datetime) -> timedelta:
+        """PARTICIPANT_TOKEN_TTL, cut to end TOKEN_GRACE after the hard cap: no extend can make the session last
+        longer, and a token that outlived it could bring its room back."""
+        return max(min(PARTICIPANT_TOKEN_TTL, self.hard_deadline + TOKEN_GRACE - now), timedelta(seconds=1))
 
     def handle(self, event: Event, now: datetime) -> list[Command]:
         """Apply one event; return the commands it calls for (a status upsert first when the status moved)."""

@@ -87,6 +87,7 @@ T = TypeVar("T")
 PATCH_LATE_CANCEL_KEEPS_OUTCOME = "late-cancel-keeps-outcome"  # a cancel after the end no longer discards the outcome
 PATCH_OUTCOME_MEMO = "outcome-memo"  # the outcome is kept in the memo, readable after any close
 PATCH_LOCAL_TOKEN = "local-token"  # a join's token is minted by a local activity (one workflow task less)
+PATCH_TOKEN_TTL_WITHIN_SESSION = "token-ttl-within-session"  # a participant's token expires by the hard cap + grace
 
 
 class Bug(RuntimeError):
@@ -330,7 +331,8 @@ class SessionWorkflow:
     async def join(self, request: JoinRequest) -> JoinGrant:
         """Admit a participant of the roster and hand back their grant, once the room exists."""
         await workflow.wait_condition(lambda: self._machine.join_decidable)
-        token_request = self._ask(lambda: self._machine.admit(request.identity))
+        now = workflow.now() if workflow.patched(PATCH_TOKEN_TTL_WITHIN_SESSION) else None
+        token_request = self._ask(lambda: self._machine.admit(request.identity, now))
         summary = f"token for {request.identity} ({token_request.role})"
         if workflow.patched(PATCH_LOCAL_TOKEN):
             # Signing a token is a few milliseconds of local work: as a local activity it runs inside this workflow
