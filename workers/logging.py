@@ -11,6 +11,9 @@ import structlog
 from structlog.typing import EventDict, Processor
 from temporalio import activity, workflow
 
+from config.settings import get_settings
+from workflows.models import ROOM_PREFIX, session_id_of
+
 
 def configure_logging(fmt: str = "auto", level: str = "INFO") -> None:
     json_lines = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
@@ -55,6 +58,6 @@ def _flatten_temporal_context(_logger: object, _name: str, event: EventDict) -> 
                 event["activity"] = ctx.get("activity_type")
                 event["attempt"] = ctx.get("attempt")
     wid = event.get("workflow_id")
-    if isinstance(wid, str) and wid.startswith("session-"):
-        event.setdefault("session_id", wid.removeprefix("session-"))
+    if isinstance(wid, str) and wid.startswith(ROOM_PREFIX):
+        event.setdefault("session_id", session_id_of(wid, get_settings().deployment))
     return event

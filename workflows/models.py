@@ -41,6 +41,12 @@ def workflow_id_for(session_id: str, deployment: str | None = None) -> str:
     return f"{deployment_prefix(deployment)}{session_id}" if deployment else f"{ROOM_PREFIX}{session_id}"
 
 
+def session_id_of(workflow_id: str, deployment: str) -> str:
+    """The session id in `workflow_id` (`session-<deployment>-<id>`, or the older `session-<id>`)."""
+    prefix = deployment_prefix(deployment)
+    return workflow_id.removeprefix(prefix) if workflow_id.startswith(prefix) else workflow_id.removeprefix(ROOM_PREFIX)
+
+
 def avatar_identity_for(session_id: str, n: int) -> str:
     """The LiveKit identity of the session's n-th avatar session. Each avatar session has its own, so one
     leaving the room is never mistaken for another (a replacement or rotation overlaps its predecessor)."""

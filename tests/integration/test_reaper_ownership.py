@@ -28,6 +28,7 @@ from config.settings import DEFAULT_AVATAR_ID, Settings
 from sandbox.media import join_room
 from sandbox.stack import LocalStack, StackPorts, port_is_free
 from starters.client import InvalidInput, SessionClient, SessionNotFound
+from starters.report import SESSIONS_QUERY, find_sessions, session_filter
 from tests.support.livekit import room_names
 from tests.support.polling import eventually
 from tests.support.specs import interview
@@ -179,3 +180,35 @@ async def test_a_spec_naming_another_deployment_is_refused_and_starts_nothing(te
     with pytest.raises(SessionNotFound):
         await sessions.state(spec.session_id)
     assert [w.id async for w in temporal.list_workflows(f'WorkflowId = "{spec.workflow_id}"')] == []
+
+
+# ---- the reaper keeps out of the sessions' list (issue 10, item 3) ------------------------------------------
+
+
+async def test_reaper_sweeps_stay_out_of_the_session_list_and_are_found_on_their_own_queue(
+    temporal: Client, sessions: SessionClient, reaper_queue: str
+) -> None:
+    spec = interview(avatar=None)
+    await sessions.start(spec)
+    sweep = f"it-reap-{uuid.uuid4().hex[:10]}"
+    await temporal.execute_workflow(
+        ReaperWorkflow.run, ReapRequest(grace_seconds=3600, dry_run=True), id=sweep, task_queue=reaper_queue
+    )
+    try:
+        # Support finds the sweeps on the reaper's queue (visibility lags a moment)...
+        await eventually(
+            lambda: _listed(temporal, f"TaskQueue = '{reaper_queue}'", sweep), what="the sweep in visibility", timeout=15
+        )
+        # ...and the sessions' list (`sessionflow list`, and the UI's saved query) shows sessions only.
+        await eventually(lambda: _listed(temporal, SESSIONS_QUERY, spec.workflow_id), what="the session", timeout=15)
+        assert not await _listed(temporal, SESSIONS_QUERY, sweep)
+        assert not await _listed(temporal, f"TaskQueue = '{sessions.task_queue}'", sweep)
+        rows = await find_sessions(temporal, session_filter(None, None, 1000))
+        assert spec.session_id in {r.session_id for r in rows}
+        assert not any(r.session_id == sweep or r.session_id.startswith("it-reap") for r in rows)
+    finally:
+        await sessions.end(spec.session_id)
+
+
+async def _listed(temporal: Client, query: str, workflow_id: str) -> bool:
+    return any([w.id == workflow_id async for w in temporal.list_workflows(query)])

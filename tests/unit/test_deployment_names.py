@@ -8,7 +8,7 @@ from pydantic import ValidationError
 
 from config.settings import Settings
 from starters.gateway import room_event_from_webhook, session_workflow_id
-from workflows.models import RoomEventKind, SessionSpec, deployment_prefix, workflow_id_for
+from workflows.models import RoomEventKind, SessionSpec, deployment_prefix, session_id_of, workflow_id_for
 
 ROSTER = [{"identity": "cand", "role": "candidate"}]
 
@@ -57,3 +57,12 @@ def test_the_gateway_maps_a_room_of_its_deployment_to_the_workflow_of_the_same_n
     assert session_workflow_id(room, "local") == room
     event = room_event_from_webhook(_webhook(room), "local")
     assert event is not None and event.kind is RoomEventKind.PARTICIPANT_JOINED and event.identity == "cand"
+
+
+@pytest.mark.parametrize(
+    ("workflow_id", "session_id"),
+    [("session-local-intv-1", "intv-1"), ("session-intv-1", "intv-1"), ("session-prod-intv-1", "prod-intv-1")],
+)
+def test_logs_read_the_session_id_from_a_workflow_id_of_either_naming(workflow_id: str, session_id: str) -> None:
+    # A workflow id of another deployment is never this deployment's; read as the older naming, its id is kept whole.
+    assert session_id_of(workflow_id, "local") == session_id
