@@ -50,6 +50,11 @@ class Settings(BaseSettings):
     livekit_api_secret: SecretStr = Field(
         SecretStr(LOCAL_LIVEKIT_API_SECRET), validation_alias=_env("LIVEKIT_API_SECRET")
     )
+    # Where the egress service writes a session's recording (its own storage settings apply); LiveKit fills in
+    # {room_name} and {time}.
+    recording_filepath: str = Field(
+        "sessionflow/{room_name}-{time}.mp4", min_length=1, validation_alias=_env("SESSIONFLOW_RECORDING_FILEPATH")
+    )
     # livekit-api ignores its own timeout (reference/livekit.md §1.4): every call is bounded by this.
     livekit_call_timeout_s: float = Field(10.0, validation_alias=_env("SESSIONFLOW_LIVEKIT_CALL_TIMEOUT"))
 

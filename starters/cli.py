@@ -76,6 +76,17 @@ async def _show(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _consent(args: argparse.Namespace) -> int:
+    """Grant or withdraw a participant's consent to record; print the recording as it now stands."""
+    sessions = await SessionClient.connect()
+    state = await sessions.consent(args.session_id, args.identity, args.decision == "grant")
+    recording = state.recording
+    assert recording is not None  # a session that is not recorded refuses consent
+    waiting = f"; waiting for: {', '.join(recording.waiting_for)}" if recording.waiting_for else ""
+    print(f"recording: {recording.status.value}; consented: {', '.join(recording.consented) or 'nobody'}{waiting}")
+    return 0
+
+
 async def _list(args: argparse.Namespace) -> int:
     which = session_filter(args.status, args.kind, args.limit)  # refused before anything is contacted
     client = await connect(get_settings())
@@ -158,6 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("session_id")
     p.add_argument("seconds", type=int)
     p.set_defaults(run=_extend)
+    p = sub.add_parser("consent", help="grant or withdraw a participant's consent to record a session")
+    p.add_argument("session_id")
+    p.add_argument("identity")
+    p.add_argument("decision", choices=("grant", "withdraw"))
+    p.set_defaults(run=_consent)
     p = sub.add_parser("show", help="a session's header, timeline, avatar billing and UI link (running or closed)")
     p.add_argument("session_id")
     p.set_defaults(run=_show)

@@ -34,6 +34,7 @@ from temporalio.service import RPCError, RPCStatusCode
 from config.settings import Settings, get_settings
 from workers.temporal import connect
 from workflows.models import (
+    ConsentRequest,
     EndRequest,
     ExtendRequest,
     JoinGrant,
@@ -81,6 +82,10 @@ class SessionNotFound(SessionError):
     pass
 
 
+class NotRecorded(SessionError):
+    """Consent was given or withdrawn for a session that is not recorded."""
+
+
 # The workflow's typed refusals (`workflows.machine.Refusal.kind`) and the errors callers see for them.
 _REFUSALS: dict[str, type[SessionError]] = {
     "UnknownParticipant": UnknownParticipant,
@@ -88,6 +93,7 @@ _REFUSALS: dict[str, type[SessionError]] = {
     "SessionCancelled": SessionCancelled,
     "RoomFull": RoomFull,
     "ExtendBeyondCap": ExtendBeyondCap,
+    "NotRecorded": NotRecorded,
 }
 _SESSION_ID = TypeAdapter(SessionId)
 _CLOSED = {
@@ -247,6 +253,17 @@ class SessionClient:
         update_id = _update_id("extend")
         return await self._call(
             session_id, lambda: self.handle(session_id).execute_update(SessionWorkflow.extend, request, id=update_id)
+        )
+
+    async def consent(self, session_id: str, identity: str, granted: bool) -> SessionState:
+        """`identity` grants (or withdraws) consent to record the session; returns the state with the recording
+        as it now stands. Recording starts once everyone the spec's `recording` names has consented, and stops
+        as soon as anyone withdraws. Refused with `UnknownParticipant` for someone not asked, `NotRecorded` for a
+        session that is not recorded, `SessionEnded` once it has ended."""
+        request = _validated(ConsentRequest, {"identity": identity, "granted": granted})
+        update_id = _update_id("consent")
+        return await self._call(
+            session_id, lambda: self.handle(session_id).execute_update(SessionWorkflow.consent, request, id=update_id)
         )
 
     async def state(self, session_id: str) -> SessionState:

@@ -34,6 +34,8 @@ def activities_for(settings: Settings) -> list[Callable[..., Any]]:
         lk.create_room,
         lk.delete_room,
         lk.mint_participant_token,
+        lk.start_recording,
+        lk.stop_recording,
         avatar.create_avatar_session,
         avatar.start_avatar_session,
         avatar.keep_avatar_alive,
