@@ -15,7 +15,7 @@ from workflows.models import workflow_id_for
 
 pytestmark = pytest.mark.stack
 
-# A room of this deployment's (the gateway ignores any other) whose session does not exist.
+# A room of this deployment's whose session does not exist.
 BODY = json.dumps({"event": "room_finished", "id": "EV_test", "room": {"name": workflow_id_for("nobody", Settings().deployment)}})
 
 
