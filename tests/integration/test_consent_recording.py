@@ -10,6 +10,7 @@ import pytest
 from temporalio.api.enums.v1 import EventType
 
 from starters.client import SessionClient, UnknownParticipant
+from tests.integration.test_show_and_list import sessionflow
 from tests.support.polling import eventually
 from tests.support.specs import interview
 from workflows.models import EndReason, RecordingStatus, SessionState, SessionStatus
@@ -54,3 +55,19 @@ async def _recording_requests(sessions: SessionClient, session_id: str) -> list[
                 payload = scheduled.input.payloads[0]
                 found.append(json.loads(payload.data))
     return found
+
+
+async def test_the_cli_gives_and_withdraws_consent_and_says_where_the_recording_stands(sessions: SessionClient) -> None:
+    spec = interview(avatar=None, recording={"participants": ["cand", "watcher"]})
+    await sessions.join(spec, "cand")
+    try:
+        rc, stdout, stderr = await sessionflow("consent", spec.session_id, "cand", "grant")
+        assert (rc, stdout.strip(), stderr) == (0, "recording: waiting_for_consent; consented: cand; waiting for: watcher", "")
+        rc, stdout, _ = await sessionflow("consent", spec.session_id, "cand", "withdraw")
+        assert (rc, stdout.strip()) == (0, "recording: waiting_for_consent; consented: nobody; waiting for: cand, watcher")
+        rc, stdout, stderr = await sessionflow("consent", spec.session_id, "nobody-asked", "grant")
+        assert rc == 2 and stdout == "" and "'nobody-asked' is not asked for consent" in stderr
+    finally:
+        outcome = await sessions.end(spec.session_id)
+    assert outcome.recording is not None
+    assert [(c.identity, c.granted) for c in outcome.recording.consents] == [("cand", True), ("cand", False)]
