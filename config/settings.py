@@ -37,6 +37,10 @@ class Settings(BaseSettings):
     temporal_tls_key: Path | None = Field(None, validation_alias=_env("TEMPORAL_TLS_KEY"))
     temporal_ui_url: str = Field("http://127.0.0.1:8233", validation_alias=_env("TEMPORAL_UI_URL"))
     task_queue: str = Field("sessionflow", validation_alias=_env("SESSIONFLOW_TASK_QUEUE"))
+    # Every room and workflow id this deployment creates starts with `session-<deployment>-`, so the reaper can
+    # tell ours from another app's or another deployment's on a shared LiveKit project (no '-': the prefix of
+    # one deployment is never the prefix of another's).
+    deployment: str = Field("local", pattern=r"^[a-z0-9]{1,20}$", validation_alias=_env("SESSIONFLOW_DEPLOYMENT"))
 
     # LiveKit
     livekit_url: str = Field("ws://127.0.0.1:7880", validation_alias=_env("LIVEKIT_URL"))
@@ -44,6 +48,11 @@ class Settings(BaseSettings):
     # stack generates a pair in its state directory and exports it (sandbox/secrets.py).
     livekit_api_key: str = Field(validation_alias=_env("LIVEKIT_API_KEY"))
     livekit_api_secret: SecretStr = Field(validation_alias=_env("LIVEKIT_API_SECRET"))
+    # Where the egress service writes a session's recording (its own storage settings apply); LiveKit fills in
+    # {room_name} and {time}.
+    recording_filepath: str = Field(
+        "sessionflow/{room_name}-{time}.mp4", min_length=1, validation_alias=_env("SESSIONFLOW_RECORDING_FILEPATH")
+    )
     # livekit-api ignores its own timeout (reference/livekit.md §1.4): every call is bounded by this.
     livekit_call_timeout_s: float = Field(10.0, validation_alias=_env("SESSIONFLOW_LIVEKIT_CALL_TIMEOUT"))
 
@@ -57,6 +66,11 @@ class Settings(BaseSettings):
     # Reaper (workers/schedules.py): how often it sweeps, and how old an unowned room or avatar must be to go.
     reaper_every_s: float = Field(30.0, gt=0, validation_alias=_env("SESSIONFLOW_REAPER_EVERY"))
     reaper_grace_s: float = Field(60.0, ge=0, validation_alias=_env("SESSIONFLOW_REAPER_GRACE"))
+    # The reaper's own task queue: its Schedule always targets this one (never whichever worker started last),
+    # and its runs stay out of the sessions' queue and list (docs/support.md).
+    reaper_task_queue: str = Field(
+        "sessionflow-reaper", min_length=1, validation_alias=_env("SESSIONFLOW_REAPER_TASK_QUEUE")
+    )
 
     # Gateway (LiveKit webhook receiver)
     gateway_host: str = Field("127.0.0.1", validation_alias=_env("SESSIONFLOW_GATEWAY_HOST"))

@@ -73,10 +73,11 @@ async def wait_for(what: str, check: Callable[[], Awaitable[T]], timeout: float 
         await asyncio.sleep(every)
 
 
-def demo_spec(session_id: str) -> SessionSpec:
+def demo_spec(session_id: str, deployment: str) -> SessionSpec:
     return SessionSpec.model_validate(
         {
             "session_id": session_id,
+            "deployment": deployment,
             "kind": "interview",
             "participants": [
                 {"identity": "candidate-1", "role": "candidate", "name": "Demo Candidate"},
@@ -90,7 +91,7 @@ def demo_spec(session_id: str) -> SessionSpec:
 
 
 async def run_interview(settings: Settings, sessions: SessionClient) -> DemoResult:
-    spec = demo_spec(f"demo-{uuid.uuid4().hex[:8]}")
+    spec = demo_spec(f"demo-{uuid.uuid4().hex[:8]}", settings.deployment)
     sid = spec.session_id
     console.rule(f"[bold]interview {sid}")
 

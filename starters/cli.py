@@ -76,6 +76,17 @@ async def _show(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _consent(args: argparse.Namespace) -> int:
+    """Grant or withdraw a participant's consent to record; print the recording as it now stands."""
+    sessions = await SessionClient.connect()
+    state = await sessions.consent(args.session_id, args.identity, args.decision == "grant")
+    recording = state.recording
+    assert recording is not None  # a session that is not recorded refuses consent
+    waiting = f"; waiting for: {', '.join(recording.waiting_for)}" if recording.waiting_for else ""
+    print(f"recording: {recording.status.value}; consented: {', '.join(recording.consented) or 'nobody'}{waiting}")
+    return 0
+
+
 async def _list(args: argparse.Namespace) -> int:
     which = session_filter(args.status, args.kind, args.limit)  # refused before anything is contacted
     client = await connect(get_settings())
@@ -91,7 +102,7 @@ def _seconds(text: str) -> float:
 
 
 async def _reap(args: argparse.Namespace) -> int:
-    """Run one ReaperWorkflow sweep on the worker's task queue and print what it released as a table."""
+    """Run one ReaperWorkflow sweep on the reaper's task queue and print what it released as a table."""
     settings = get_settings()
     request = ReapRequest(grace_seconds=settings.reaper_grace_s if args.grace is None else args.grace, dry_run=args.dry_run)
     client = await connect(settings)
@@ -100,14 +111,14 @@ async def _reap(args: argparse.Namespace) -> int:
             ReaperWorkflow.run,
             request,
             id=f"sessionflow-reap-{uuid.uuid4().hex[:12]}",
-            task_queue=settings.task_queue,
+            task_queue=settings.reaper_task_queue,
             # Nobody polling the queue would leave this waiting forever.
             execution_timeout=timedelta(minutes=2),
         )
     except WorkflowFailureError as e:
         raise SessionError(
-            f"the sweep did not finish: {e.cause}. Is a worker (`sessionflow worker`) running on task queue "
-            f"{settings.task_queue!r}?"
+            f"the sweep did not finish: {e.cause}. Is a worker (`sessionflow worker`) running with reaper task queue "
+            f"{settings.reaper_task_queue!r}?"
         ) from None
     rows = [("room", name, "would release" if report.dry_run else "released") for name in report.rooms_released]
     rows += [("avatar", aid, "would release" if report.dry_run else "released") for aid in report.avatars_released]
@@ -158,6 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("session_id")
     p.add_argument("seconds", type=int)
     p.set_defaults(run=_extend)
+    p = sub.add_parser("consent", help="grant or withdraw a participant's consent to record a session")
+    p.add_argument("session_id")
+    p.add_argument("identity")
+    p.add_argument("decision", choices=("grant", "withdraw"))
+    p.set_defaults(run=_consent)
     p = sub.add_parser("show", help="a session's header, timeline, avatar billing and UI link (running or closed)")
     p.add_argument("session_id")
     p.set_defaults(run=_show)

@@ -165,6 +165,11 @@ def render_billing(billing: Sequence[AvatarBilling], now: datetime) -> str:
 # ---- finding sessions ----------------------------------------------------------------------------------------
 
 
+# Sessions only: the reaper's sweeps (their own workflow type, on their own task queue) never show. The same text
+# is the Temporal UI's saved view "sessions" (docs/support.md) and the base of every `sessionflow list`.
+SESSIONS_QUERY = "WorkflowType = 'SessionWorkflow'"
+
+
 @dataclass(frozen=True)
 class SessionFilter:
     """Which sessions `sessionflow list` asks for. Built only by `session_filter`, from the enums' own values,
@@ -175,7 +180,7 @@ class SessionFilter:
     limit: int = 20
 
     def query(self) -> str:
-        clauses = ["WorkflowType = 'SessionWorkflow'"]
+        clauses = [SESSIONS_QUERY]
         if self.status is not None:
             clauses.append(f"{SESSION_STATUS.name} = '{self.status.value}'")
         if self.kind is not None:

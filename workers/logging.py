@@ -21,6 +21,7 @@ from structlog.typing import EventDict, Processor
 from temporalio import activity, workflow
 
 from config.settings import Settings, get_settings
+from workflows.models import ROOM_PREFIX, session_id_of
 
 # A JWT: base64url header (always `{"` -> `eyJ`), payload and optional signature. Longer than any word.
 JWT_PATTERN = re.compile(r"eyJ[\w-]{8,}\.[\w-]+\.?[\w-]*")
@@ -110,6 +111,6 @@ def _flatten_temporal_context(_logger: object, _name: str, event: EventDict) -> 
                 event["activity"] = ctx.get("activity_type")
                 event["attempt"] = ctx.get("attempt")
     wid = event.get("workflow_id")
-    if isinstance(wid, str) and wid.startswith("session-"):
-        event.setdefault("session_id", wid.removeprefix("session-"))
+    if isinstance(wid, str) and wid.startswith(ROOM_PREFIX):
+        event.setdefault("session_id", session_id_of(wid, get_settings().deployment))
     return event

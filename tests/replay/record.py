@@ -29,8 +29,10 @@ from workflows.search_attributes import SEARCH_ATTRIBUTES
 
 # The generation of the workflow these histories come from: v1 are the three files without a version in
 # their name (recorded from the integration tests before the decision core moved into the machine); v2 the
-# decision core; v3 the join's token minted by a local activity (`workflow.patched("local-token")`).
-CORPUS_VERSION = "v3"
+# decision core; v3 the join's token minted by a local activity (`workflow.patched("local-token")`); v5 (v4 is the
+# room monitor's) participant tokens bounded by the hard cap (`workflow.patched("token-ttl-within-session")`) and
+# rooms named with the deployment (`session-<deployment>-<id>`).
+CORPUS_VERSION = "v5"
 HISTORIES = Path(__file__).parent / "histories"
 
 

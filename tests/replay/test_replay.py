@@ -40,6 +40,10 @@ EXPECTED = {
     )),
     # The join's token minted by a local activity (workflow.patched("local-token")).
     *(f"{name}.v3" for name in ("interview_happy_path", "coaching_happy_path", "livekit_down")),
+    # Participant tokens bounded by the hard cap (workflow.patched("token-ttl-within-session")), rooms named with
+    # the deployment.
+    # ...and recording only with consent (spec.recording, the `consent` update).
+    *(f"{name}.v5" for name in ("interview_happy_path", "coaching_happy_path", "consent_recording", "consent_recording_refused")),
 }
 
 
