@@ -60,6 +60,21 @@ class Settings(BaseSettings):
     reaper_every_s: float = Field(30.0, gt=0, validation_alias=_env("SESSIONFLOW_REAPER_EVERY"))
     reaper_grace_s: float = Field(60.0, ge=0, validation_alias=_env("SESSIONFLOW_REAPER_GRACE"))
 
+    # Every room and workflow id this deployment creates starts with `session-<deployment>-`, so the reaper can
+    # tell ours from another app's or another deployment's on a shared LiveKit project (no '-': the prefix of
+    # one deployment is never the prefix of another's).
+    deployment: str = Field("local", pattern=r"^[a-z0-9]{1,20}$", validation_alias=_env("SESSIONFLOW_DEPLOYMENT"))
+
+    # Support (workflows/search_attributes.py): the key of the opaque participant ids in `ParticipantIds`. Set a
+    # random one per deployment in production (the default is for the local stack); changing it makes the
+    # sessions started before unfindable by participant.
+    participant_id_key: SecretStr = Field(
+        SecretStr("sessionflow-local-participant-ids"), validation_alias=_env("SESSIONFLOW_PARTICIPANT_ID_KEY")
+    )
+    # Operators (workers/metrics.py): each worker serves Prometheus metrics on this loopback port (0: none).
+    metrics_host: str = Field("127.0.0.1", validation_alias=_env("SESSIONFLOW_METRICS_HOST"))
+    metrics_port: int = Field(9464, ge=0, le=65535, validation_alias=_env("SESSIONFLOW_METRICS_PORT"))
+
     # Gateway (LiveKit webhook receiver)
     gateway_host: str = Field("127.0.0.1", validation_alias=_env("SESSIONFLOW_GATEWAY_HOST"))
     gateway_port: int = Field(8099, validation_alias=_env("SESSIONFLOW_GATEWAY_PORT"))
