@@ -36,6 +36,8 @@ EXPECTED = {
     )),
     # The join's token minted by a local activity (workflow.patched("local-token")).
     *(f"{name}.v3" for name in ("interview_happy_path", "coaching_happy_path", "livekit_down")),
+    # The status upsert carries SessionDegraded, SessionEndReason, AvatarBilledSeconds ("support-search-attributes").
+    *(f"{name}.v6" for name in ("interview_happy_path", "avatar_crash_and_replacement", "cancel")),
 }
 
 
