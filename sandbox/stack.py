@@ -384,7 +384,9 @@ class LocalStack(ChaosControls):
                 "--ip", HOST, "--port", str(p.temporal),
                 "--ui-ip", HOST, "--ui-port", str(p.temporal_ui),
                 # v2: AvatarSessionId became a KeywordList; an older database registered it as Keyword.
-                "--db-filename", str(self.state_dir / "temporal-v2.sqlite"),
+                # v3: support's attributes (SessionEndReason, ...): the dev server registers attributes only when it
+                # creates its database, so one made before them would refuse their upserts.
+                "--db-filename", str(self.state_dir / "temporal-v3.sqlite"),
                 "--namespace", TEMPORAL_NAMESPACE, "--log-level", "warn",
                 "--ui-disable-news-fetch",  # the UI would fetch a news feed from the internet
             ]
