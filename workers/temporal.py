@@ -10,6 +10,7 @@ from __future__ import annotations
 from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.converter import DataConverter
+from temporalio.runtime import Runtime
 from temporalio.service import TLSConfig
 
 from config.settings import Settings, get_settings
@@ -34,10 +35,11 @@ class TemporalUnavailable(RuntimeError):
     """Temporal could not be reached; the message says where we looked and what to do."""
 
 
-async def connect(settings: Settings | None = None) -> Client:
+async def connect(settings: Settings | None = None, *, runtime: Runtime | None = None) -> Client:
+    """`runtime`: a Temporal runtime of the caller's (a worker's, exporting metrics: `workers.metrics`)."""
     settings = settings or get_settings()
     try:
-        return await _connect(settings)
+        return await _connect(settings, runtime)
     except RuntimeError as e:
         raise TemporalUnavailable(
             f"cannot reach Temporal at {settings.temporal_address} (namespace {settings.temporal_namespace}): {e}. "
@@ -45,9 +47,10 @@ async def connect(settings: Settings | None = None) -> Client:
         ) from e
 
 
-async def _connect(settings: Settings) -> Client:
+async def _connect(settings: Settings, runtime: Runtime | None = None) -> Client:
     return await Client.connect(
         settings.temporal_address,
+        runtime=runtime,
         namespace=settings.temporal_namespace,
         api_key=settings.temporal_api_key.get_secret_value() if settings.temporal_api_key else None,
         tls=_tls(settings),

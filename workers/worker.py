@@ -16,6 +16,7 @@ from activities.avatar import AvatarActivities
 from activities.livekit import LiveKitActivities
 from activities.reaper import ReaperActivities
 from config.settings import Settings, get_settings
+from workers.metrics import live_session_gauge, metrics_address, metrics_runtime
 from workers.schedules import ensure_reaper_schedule
 from workers.temporal import connect
 from workflows.reaper import ReaperWorkflow
@@ -58,15 +59,18 @@ def build_worker(client: Client, settings: Settings, *, task_queue: str | None =
 async def run_worker(settings: Settings | None = None) -> None:
     """Run until SIGTERM or SIGINT, then shut down gracefully: nothing is torn down, work is handed over."""
     settings = settings or get_settings()
-    client = await connect(settings)
+    runtime = metrics_runtime(settings)  # before connecting: the client's runtime exports the worker's metrics
+    client = await connect(settings, runtime=runtime)
     worker = build_worker(client, settings)
     await ensure_reaper_schedule(client, settings, settings.task_queue)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    log.info("worker started", task_queue=settings.task_queue, temporal=settings.temporal_address)
-    async with worker:
+    log.info(
+        "worker started", task_queue=settings.task_queue, temporal=settings.temporal_address, metrics=metrics_address(settings)
+    )
+    async with worker, live_session_gauge(client, runtime):
         await stop.wait()
         log.info("worker shutting down", reason="signal")
     log.info("worker stopped")

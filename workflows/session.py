@@ -57,6 +57,7 @@ with workflow.unsafe.imports_passed_through():
         StopAvatarSession,
         TimerFired,
     )
+    from workflows.metrics import SessionMetrics
     from workflows.models import AvatarCreated as AvatarCreatedResult
     from workflows.models import (
         AvatarRef,
@@ -110,6 +111,7 @@ class SessionWorkflow:
         self._machine = SessionMachine(spec, started_at=workflow.now())
         self._keepalives: dict[str, asyncio.Task[None]] = {}  # avatar session id -> its keep-alive
         self._bug: BaseException | None = None
+        self._metrics = SessionMetrics(spec.kind.value)
 
     # ---- the run: platform concerns --------------------------------------------------------------------------
 
@@ -212,6 +214,7 @@ class SessionWorkflow:
         workflow.set_current_details(current_details(self._machine.state()))
 
     def _execute(self, commands: list[Command]) -> None:
+        self._metrics.saw(commands, self._machine)  # operators' figures (workflows/metrics.py); decides nothing
         for command in commands:
             match command:
                 case PublishStatus():
