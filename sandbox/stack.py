@@ -159,6 +159,7 @@ class StackPorts:
     livekit_rtc_udp: int = 7882
     emulator: int = 8090
     gateway: int = 8099
+    worker_metrics: int = 9464  # a worker's Prometheus endpoint (workers/metrics.py), not a service of the stack
 
     def shifted(self, offset: int) -> StackPorts:
         return StackPorts(**{name: port + offset for name, port in asdict(self).items()})
@@ -232,6 +233,8 @@ class LocalStack(ChaosControls):
             "LIVEAVATAR_API_KEY": LOCAL_LIVEAVATAR_API_KEY,
             "SESSIONFLOW_GATEWAY_HOST": HOST,
             "SESSIONFLOW_GATEWAY_PORT": str(p.gateway),
+            # The worker of `python -m sandbox dev` serves its metrics here; a second worker needs a port of its own.
+            "SESSIONFLOW_METRICS_PORT": str(p.worker_metrics),
             # Lets a nested `python -m sandbox status/exec` find (and reuse) this stack.
             "SESSIONFLOW_STATE_DIR": str(self.state_dir),
         }

@@ -62,7 +62,13 @@ def metrics_runtime(settings: Settings) -> Runtime | None:
     address = metrics_address(settings)
     if address is None:
         return None
-    return Runtime(telemetry=TelemetryConfig(metrics=PrometheusConfig(bind_address=address, counters_total_suffix=True)))
+    try:
+        return Runtime(telemetry=TelemetryConfig(metrics=PrometheusConfig(bind_address=address, counters_total_suffix=True)))
+    except RuntimeError as e:  # the exporter binds at once: a port in use fails here
+        raise MetricsSettingsError(
+            f"cannot serve metrics on {address} ({e}): is another worker on this host using it? Give each worker its own "
+            "SESSIONFLOW_METRICS_PORT, or 0 for none"
+        ) from None
 
 
 class LiveSessions:
