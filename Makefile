@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 SOURCES := workflows activities workers starters sandbox config bench tests
 
-.PHONY: install livekit stack lint test chaos demo bench record-histories clean
+.PHONY: install livekit stack lint test chaos demo screenshots bench record-histories clean
 
 ## install: create .venv with $(PYTHON) if missing and install the project with its dev extras
 install: $(STAMP)
@@ -47,6 +47,10 @@ chaos: install
 ## demo: run the end-to-end demo
 demo: install
 	$(PY) -m sandbox demo
+
+## screenshots: the demo session, then the Temporal UI screenshots of docs/support.md (headless Chromium from the OS)
+screenshots: install
+	$(PY) -m sandbox screenshots
 
 ## bench: measure session-ready time against a Temporal baseline (figures go in docs/benchmarks.md)
 bench: install

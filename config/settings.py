@@ -72,6 +72,16 @@ class Settings(BaseSettings):
         "sessionflow-reaper", min_length=1, validation_alias=_env("SESSIONFLOW_REAPER_TASK_QUEUE")
     )
 
+    # Support (workflows/search_attributes.py): the key of the opaque participant ids in `ParticipantIds`. Set a
+    # random one per deployment in production (the default is for the local stack); changing it makes the
+    # sessions started before unfindable by participant.
+    participant_id_key: SecretStr = Field(
+        SecretStr("sessionflow-local-participant-ids"), validation_alias=_env("SESSIONFLOW_PARTICIPANT_ID_KEY")
+    )
+    # Operators (workers/metrics.py): each worker serves Prometheus metrics on this loopback port (0: none).
+    metrics_host: str = Field("127.0.0.1", validation_alias=_env("SESSIONFLOW_METRICS_HOST"))
+    metrics_port: int = Field(9464, ge=0, le=65535, validation_alias=_env("SESSIONFLOW_METRICS_PORT"))
+
     # Gateway (LiveKit webhook receiver)
     gateway_host: str = Field("127.0.0.1", validation_alias=_env("SESSIONFLOW_GATEWAY_HOST"))
     gateway_port: int = Field(8099, validation_alias=_env("SESSIONFLOW_GATEWAY_PORT"))

@@ -9,6 +9,7 @@
     python -m sandbox livekit              build the LiveKit server if it is not cached yet
     python -m sandbox dev                  the stack and a worker in this process, until Ctrl-C stops both
     python -m sandbox demo                 one scripted avatar interview on the stack (`make demo`)
+    python -m sandbox screenshots          the demo, then the Temporal UI screenshots of docs/support.md
 
 Common options: --services temporal,livekit,emulator,gateway   --port-offset N (or SESSIONFLOW_PORT_OFFSET)
                 --state-dir DIR (or SESSIONFLOW_STATE_DIR)      --timeout SECONDS
@@ -177,6 +178,12 @@ def cmd_dev(_: argparse.Namespace) -> int:
     return _run_with_temporal_client(_dev, long_running=True)
 
 
+def cmd_screenshots(_: argparse.Namespace) -> int:
+    from sandbox.screenshots import screenshots  # drives Chromium and the Temporal SDK: only for this command
+
+    return _run_with_temporal_client(screenshots, long_running=False)
+
+
 def cmd_demo(_: argparse.Namespace) -> int:
     from sandbox.demo import demo  # the demo imports livekit rtc and the Temporal SDK: only for this command
 
@@ -312,6 +319,8 @@ def _parser() -> argparse.ArgumentParser:
         handler=cmd_dev, runs_temporal_client=True)
     sub.add_parser("demo", help="one scripted avatar interview on the local stack").set_defaults(
         handler=cmd_demo, runs_temporal_client=True)
+    sub.add_parser("screenshots", help="the demo, then screenshots of the Temporal UI into docs/screenshots").set_defaults(
+        handler=cmd_screenshots, runs_temporal_client=True)
     return parser
 
 

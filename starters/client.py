@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from datetime import timedelta
 from types import TracebackType
 from typing import Any, Self, TypeVar
@@ -46,7 +46,7 @@ from workflows.models import (
     SessionStatus,
     workflow_id_for,
 )
-from workflows.search_attributes import SESSION_ID, SESSION_KIND, SESSION_STATUS
+from workflows.search_attributes import DEPLOYMENT, PARTICIPANT_IDS, SESSION_ID, SESSION_KIND, SESSION_STATUS, participant_id
 from workflows.session import SessionWorkflow
 
 
@@ -228,6 +228,8 @@ class SessionClient:
                     SearchAttributePair(SESSION_ID, spec.session_id),
                     SearchAttributePair(SESSION_KIND, spec.kind.value),
                     SearchAttributePair(SESSION_STATUS, SessionStatus.PROVISIONING.value),
+                    SearchAttributePair(PARTICIPANT_IDS, self.participant_ids(p.identity for p in spec.participants)),
+                    SearchAttributePair(DEPLOYMENT, self.settings.deployment),
                 ]
             ),
             "static_summary": _summary(spec),
@@ -341,6 +343,11 @@ class SessionClient:
             return SessionError(f"session {session_id!r} is running but did not answer; try again")
         kind = SessionCancelled if description.status is WorkflowExecutionStatus.CANCELED else SessionEnded
         return kind(f"session {session_id!r} {closed}; start a new session id")
+
+    def participant_ids(self, identities: Iterable[str]) -> list[str]:
+        """The opaque ids (`ParticipantIds`) of `identities`, under this deployment's key."""
+        key = self.settings.participant_id_key.get_secret_value().encode()
+        return [participant_id(identity, key) for identity in identities]
 
     def ui_url(self, session_id: str) -> str:
         return (

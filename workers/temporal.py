@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.converter import DataConverter
+from temporalio.runtime import Runtime
 from temporalio.service import TLSConfig
 
 from config.settings import Settings, get_settings
@@ -59,10 +60,11 @@ class TemporalUnavailable(RuntimeError):
     """Temporal could not be reached; the message says where we looked and what to do."""
 
 
-async def connect(settings: Settings | None = None) -> Client:
+async def connect(settings: Settings | None = None, *, runtime: Runtime | None = None) -> Client:
+    """`runtime`: a Temporal runtime of the caller's (a worker's, exporting metrics: `workers.metrics`)."""
     settings = settings or get_settings()
     try:
-        return await _connect(settings)
+        return await _connect(settings, runtime)
     except RuntimeError as e:
         raise TemporalUnavailable(
             f"cannot reach Temporal at {settings.temporal_address} (namespace {settings.temporal_namespace}): {e}. "
@@ -70,9 +72,10 @@ async def connect(settings: Settings | None = None) -> Client:
         ) from e
 
 
-async def _connect(settings: Settings) -> Client:
+async def _connect(settings: Settings, runtime: Runtime | None = None) -> Client:
     return await Client.connect(
         settings.temporal_address,
+        runtime=runtime,
         namespace=settings.temporal_namespace,
         api_key=settings.temporal_api_key.get_secret_value() if settings.temporal_api_key else None,
         tls=_tls(settings),
