@@ -42,7 +42,7 @@ class Settings(BaseSettings):
     temporal_tls_ca: Path | None = Field(None, validation_alias=_env("TEMPORAL_TLS_CA"))
     temporal_tls_server_name: str | None = Field(None, validation_alias=_env("TEMPORAL_TLS_SERVER_NAME"))
     # How long a request (join, end, extend, ...) keeps being retried while Temporal is unreachable, counted from
-    # its first failed attempt: one history or frontend process restarting takes 5-15 s (reference/temporal-cluster.md),
+    # its start: one history or frontend process restarting takes 5-15 s (reference/temporal-cluster.md),
     # longer than the SDK's own 10 s retry budget. After it the caller gets `TemporalUnavailable` (safe to retry).
     temporal_retry_deadline_s: float = Field(60.0, gt=0, validation_alias=_env("SESSIONFLOW_TEMPORAL_RETRY_DEADLINE"))
     temporal_ui_url: str = Field("http://127.0.0.1:8233", validation_alias=_env("TEMPORAL_UI_URL"))

@@ -296,12 +296,13 @@ class SessionClient:
         deduplicates it and nothing happens twice), with a doubling backoff:
         - "workflow not ready" while the session's workflow task is being retried (for example a completion that
           lost a race with a new signal), for up to NOT_READY_RETRY;
-        - Temporal unreachable or not answering (one of its services restarting: `_unavailable`), for up to
-          `temporal_retry_deadline_s` from the first failed attempt; then `TemporalUnavailable`, safe to retry.
+        - Temporal unreachable or not answering (one of its services restarting: `_unavailable`), until
+          `temporal_retry_deadline_s` after the call began; then `TemporalUnavailable`, safe to retry. Each attempt
+          has the SDK's own retries (about 10 s) inside, so the error comes up to that much after the deadline.
         """
         loop = asyncio.get_running_loop()
         not_ready_until: float | None = None
-        unavailable_until: float | None = None
+        unavailable_until = loop.time() + self.settings.temporal_retry_deadline_s
         delay = 0.05
         while True:
             try:
@@ -316,7 +317,6 @@ class SessionClient:
             except (RPCError, RPCTimeoutOrCancelledError) as e:
                 if not _unavailable(e):
                     raise
-                unavailable_until = unavailable_until or loop.time() + self.settings.temporal_retry_deadline_s
                 if loop.time() >= unavailable_until:
                     raise TemporalUnavailable(
                         f"Temporal at {self.settings.temporal_address} did not answer the request for session "

@@ -70,8 +70,8 @@ async def test_an_outage_past_the_deadline_is_a_typed_error_and_a_retry_succeeds
     except TemporalUnavailable as e:
         gave_up = time.monotonic() - started
         assert "safe to retry" in str(e) and spec.session_id in str(e), str(e)
-    # The deadline counts from the first failed attempt, which the SDK makes after its own ~10 s of retries.
-    assert gave_up < LOWERED_DEADLINE_S + 25, f"gave up after {gave_up:.1f} s"
+    # The first attempt fails after the SDK's own ~10 s of retries, past the deadline: no second attempt.
+    assert gave_up < LOWERED_DEADLINE_S + 15, f"gave up after {gave_up:.1f} s"
     took = await chaos.start_service("temporal")
     outcome = await bounded("the retried `end`", impatient.end(spec.session_id, "retried after the outage"), 60)
     chaos.note(f"TemporalUnavailable after {gave_up:.1f} s (deadline {LOWERED_DEADLINE_S:g} s); Temporal back in "
