@@ -220,7 +220,8 @@ class TemporalCluster:
         if name not in TEMPORAL_PROCESSES:
             raise ClusterError(f"no process {name!r} in the cluster; its processes are {', '.join(CLUSTER_PROCESSES)}")
         service = "history" if name.startswith("history") else name
-        command = [str(self.bin_dir / "server"), "--root", str(self.state_dir), "--config", self._config_dir.name,  # relative to --root
+        # --config is relative to --root; --env NAME reads NAME.yaml there.
+        command = [str(self.bin_dir / "server"), "--root", str(self.state_dir), "--config", self._config_dir.name,
                    "--env", name, "--allow-no-auth", "start", "--service", service]
         # Ready once it listens: frontend, history and matching on gRPC, the worker service (which serves no gRPC) on
         # its membership port. A listening frontend has written the cluster metadata, so the rest may start; it only
