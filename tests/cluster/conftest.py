@@ -10,6 +10,7 @@ import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from rich.console import Console
@@ -50,7 +51,7 @@ def stack_on_cluster(cluster: TemporalCluster) -> Iterator[StackOnCluster]:
 
 @pytest.fixture(scope="session")
 def cluster_settings(stack_on_cluster: StackOnCluster) -> Settings:
-    values: dict[str, object] = dict(stack_on_cluster.env)  # the variables' names, parsed as from the environment
+    values: dict[str, Any] = dict(stack_on_cluster.env)  # the variables' names, parsed as from the environment
     return Settings(**values)
 
 
