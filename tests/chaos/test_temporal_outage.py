@@ -53,6 +53,7 @@ async def test_end_sent_during_a_temporal_outage_returns_the_outcome(chaos: Scen
     await released_once(chaos, spec)
 
 
+@pytest.mark.chaos_long
 async def test_an_outage_past_the_deadline_is_a_typed_error_and_a_retry_succeeds(chaos: Scenario) -> None:
     spec = chaos.spec()
     await chaos.join_human(spec)
