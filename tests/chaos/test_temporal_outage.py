@@ -42,12 +42,19 @@ async def test_end_sent_during_a_temporal_outage_returns_the_outcome(chaos: Scen
     await chaos.kill_service("temporal")
     down = time.monotonic()
     ending = chaos.end_soon(spec, "ended during an outage")  # in flight the whole outage
+    # A backend starting meanwhile: its connect waits for the server instead of failing.
+    connecting = asyncio.create_task(SessionClient.connect(chaos.settings, task_queue=TASK_QUEUE, wait=60))
     await asyncio.sleep(OUTAGE_S)  # the outage itself, not a wait for something
     assert not ending.done(), f"`end` gave up during the outage: {ending.exception() if ending.done() else ''!r}"
+    assert not connecting.done(), f"connect gave up during the outage: {connecting.exception() if connecting.done() else ''!r}"
     took = await chaos.start_service("temporal")
+    back = time.monotonic() - down
     outcome = await chaos.ended(ending, timeout=60)
-    chaos.note(f"Temporal down {time.monotonic() - down - took:.1f} s (+{took:.1f} s to start); `end` answered "
-               f"{time.monotonic() - down:.1f} s after the kill")
+    answered = time.monotonic() - down
+    late_client = await bounded("connect to return", connecting, 30)
+    assert (await late_client.recorded_outcome(spec.session_id)) == outcome
+    chaos.note(f"Temporal back {back:.1f} s after the kill ({took:.1f} s to start); `end` answered {answered:.1f} s "
+               "after the kill")
     assert outcome.end_reason is EndReason.REQUESTED
     await chaos.settle()
     await released_once(chaos, spec)
