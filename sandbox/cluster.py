@@ -121,10 +121,11 @@ class TemporalCluster:
 
     def up(self) -> TemporalCluster:
         """Build the server if needed, create the database on first use, start every process in order and
-        register the namespace and the search attributes. Everything started is stopped again on a failure."""
-        if self.recorded():
-            raise ClusterError(f"a cluster is already recorded in {self.state_dir}: `python -m sandbox cluster "
-                               "status` shows it, `python -m sandbox cluster down` stops it")
+        register the namespace and the search attributes. Everything started is stopped again on a failure.
+        On a recorded cluster, starts again only the processes that have died."""
+        recorded = self.recorded()
+        if recorded:
+            return self._repair(recorded)
         started = time.monotonic()
         self.bin_dir = ensure_temporal_server(console=self.console)
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -147,6 +148,19 @@ class TemporalCluster:
                 service.stop()
             self._state_file.unlink(missing_ok=True)
             raise
+        self.startup_seconds["total"] = time.monotonic() - started
+        return self
+
+    def _repair(self, recorded: dict[str, RunningService]) -> TemporalCluster:
+        """A recorded cluster: start again whatever of it has died (a killed process, a crashed host)."""
+        dead = [name for name in CLUSTER_PROCESSES if name not in recorded or not recorded[name].alive()]
+        if not dead:
+            raise ClusterError(f"the cluster in {self.state_dir} is already running: `python -m sandbox cluster "
+                               "status` shows it, `python -m sandbox cluster down` stops it")
+        started = time.monotonic()
+        for name in dead:
+            self.start(name)
+        self._wait_serving(started)
         self.startup_seconds["total"] = time.monotonic() - started
         return self
 

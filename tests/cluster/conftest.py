@@ -1,13 +1,12 @@
 """Fixtures of the cluster suite (`make cluster-test`): the multi-service Temporal cluster of sandbox/cluster.py (reused
 if one is up, else started and stopped around the run), the rest of the local stack pointed at it on the chaos
-suite's ports, and a worker in this process. Not part of `make test`: starting the cluster the first time builds the
+suite's ports, and two worker processes on one task queue. Not part of `make test`: starting the cluster the first time builds the
 Temporal server (minutes), and the scenarios kill its processes one by one.
 """
 
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,8 +18,8 @@ from config.settings import Settings
 from sandbox.cluster import ClusterPorts, StackOnCluster, TemporalCluster
 from sandbox.stack import REPO_ROOT, StackPorts
 from starters.client import SessionClient
+from tests.support.chaos import TASK_QUEUE, WorkerPool
 from workers.temporal import connect
-from workers.worker import build_worker
 
 STATE_DIR = Path(os.environ.get("SESSIONFLOW_STATE_DIR") or REPO_ROOT / ".sessionflow")
 
@@ -30,9 +29,9 @@ def cluster() -> Iterator[TemporalCluster]:
     console = Console(stderr=True, highlight=False, soft_wrap=True)
     ours = TemporalCluster(ports=ClusterPorts(int(os.environ.get("SESSIONFLOW_PORT_OFFSET", "0"))),
                            state_dir=STATE_DIR / "cluster", console=console)
-    started_here = not ours.serving()
-    if started_here:
-        ours.up()
+    started_here = not ours.recorded()
+    if started_here or not all(ours.status().values()):
+        ours.up()  # a fresh one, or the dead processes of a recorded one started again
     try:
         yield ours
     finally:
@@ -56,9 +55,19 @@ def cluster_settings(stack_on_cluster: StackOnCluster) -> Settings:
 
 
 @pytest.fixture(scope="session")
-async def cluster_sessions(cluster_settings: Settings) -> AsyncIterator[SessionClient]:
-    """A SessionClient on the cluster whose sessions run on a worker in this process."""
-    client = await connect(cluster_settings)
-    task_queue = f"cluster-{uuid.uuid4().hex[:8]}"
-    async with build_worker(client, cluster_settings, task_queue=task_queue):
-        yield SessionClient(client, cluster_settings, task_queue=task_queue)
+async def cluster_workers(stack_on_cluster: StackOnCluster) -> AsyncIterator[WorkerPool]:
+    """Two `python -m workers` processes on the cluster, sharing one task queue; any may be killed."""
+    log_dir = STATE_DIR / "cluster-workers"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    pool = WorkerPool(stack_on_cluster.subprocess_env(), log_dir)
+    try:
+        await pool.ensure()
+        yield pool
+    finally:
+        pool.stop_all()
+
+
+@pytest.fixture(scope="session")
+async def cluster_sessions(cluster_settings: Settings, cluster_workers: WorkerPool) -> SessionClient:
+    """A SessionClient on the cluster whose sessions run on the worker processes."""
+    return SessionClient(await connect(cluster_settings), cluster_settings, task_queue=TASK_QUEUE)

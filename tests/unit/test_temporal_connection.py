@@ -7,6 +7,7 @@ half an mTLS pair is a clear error naming the setting, raised before any connect
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from temporalio.service import RPCError, RPCStatusCode, TLSConfig
 
 from config.settings import Settings
 from starters.client import _unavailable
-from workers.temporal import TemporalSettingsError, _tls, connect
+from workers.temporal import TemporalSettingsError, TemporalUnavailable, _tls, connect
 
 CERT = b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
 KEY = b"-----BEGIN PRIVATE KEY-----\nMIIE\n-----END PRIVATE KEY-----\n"
@@ -103,6 +104,14 @@ async def test_connect_refuses_bad_tls_settings_before_dialing(tmp_path: Path) -
     """Not a "cannot reach Temporal" after a timeout: the settings error, at once."""
     with pytest.raises(TemporalSettingsError, match="TEMPORAL_TLS_KEY"):
         await asyncio.wait_for(connect(settings(temporal_tls_cert=tmp_path / "c.pem"), wait=30), 5)
+
+
+async def test_connect_with_wait_keeps_trying_then_says_where_it_looked() -> None:
+    """Nothing listens on port 9: with `wait`, `connect` tries for that long before giving up."""
+    started = time.monotonic()
+    with pytest.raises(TemporalUnavailable, match=r"cannot reach Temporal at 127\.0\.0\.1:9 "):
+        await asyncio.wait_for(connect(settings(), wait=1.5), 30)
+    assert time.monotonic() - started >= 1.0
 
 
 def rpc(status: RPCStatusCode) -> RPCError:
