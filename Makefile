@@ -68,8 +68,9 @@ bench: install
 record-histories: install
 	$(PY) -m tests.replay.record $(NAMES)
 
-## clean: stop a stack left running and remove state, caches and build output (keeps .venv and the LiveKit cache)
+## clean: stop a stack (and a cluster) left running and remove state, caches and build output (keeps .venv and the LiveKit cache)
 clean:
 	-@test -x $(PY) && $(PY) -m sandbox down
+	-@test -x $(PY) && $(PY) -m sandbox cluster down
 	rm -rf .sessionflow .pytest_cache .hypothesis .mypy_cache .ruff_cache build
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
