@@ -195,9 +195,12 @@ class TemporalCluster:
 
     def kill(self, name: str) -> None:
         """SIGKILL process ``name`` (its whole group): no drain, no goodbye, as when a host dies."""
+        if name not in CLUSTER_PROCESSES:
+            raise ClusterError(f"no process {name!r} in the cluster; its processes are {', '.join(CLUSTER_PROCESSES)}")
         services = self.recorded()
         if name not in services or not services[name].alive():
-            raise ClusterError(f"{name} is not running in the cluster (running: {sorted(services)})")
+            running = [n for n in CLUSTER_PROCESSES if n in services and services[n].alive()]
+            raise ClusterError(f"{name} is not running in the cluster (running: {', '.join(running) or 'nothing'})")
         service = services[name]
         kill_group(service.pid, signal.SIGKILL)
         if not service.wait_exit(10.0):
@@ -218,7 +221,7 @@ class TemporalCluster:
 
     def _start(self, name: str) -> RunningService:
         spec = self._spec(name)
-        service = spawn_service(spec, env=self._env(), log_dir=self.state_dir / "logs")
+        service = spawn_service(spec, env=_clean_env(), log_dir=self.state_dir / "logs")
         try:
             self.startup_seconds[name] = wait_until_ready(service, spec)
         except BaseException:
@@ -269,9 +272,6 @@ class TemporalCluster:
 
     def _cli(self) -> list[str]:
         return [str(find_temporal_cli()), "--address", self.address, "--disable-config-file", "--command-timeout", "3s"]
-
-    def _env(self) -> dict[str, str]:
-        return _clean_env()
 
     # ---- database
 
