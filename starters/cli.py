@@ -32,7 +32,7 @@ from starters.client import SessionClient, SessionError, check_session_id
 from starters.report import MAX_LIST_LIMIT, find_sessions, read_session, render_session, render_sessions, session_filter
 from starters.text import table
 from workers.logging import configure_logging
-from workers.temporal import TemporalUnavailable, connect
+from workers.temporal import TemporalSettingsError, TemporalUnavailable, connect
 from workers.worker import run_worker
 from workflows.models import ROOM_PREFIX, EndReason, SessionKind, SessionStatus
 from workflows.reaper import ReaperWorkflow
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
     configure_logging(settings.log_format, level)
     try:
         rc = args.sync(args) if hasattr(args, "sync") else asyncio.run(args.run(args))
-    except (SessionError, TemporalUnavailable) as e:
+    except (SessionError, TemporalUnavailable, TemporalSettingsError) as e:
         print(f"sessionflow: {e}", file=sys.stderr)
         rc = 2
     except KeyboardInterrupt:
