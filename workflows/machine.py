@@ -31,10 +31,13 @@ from workflows.models import (
     AvatarBilling,
     AvatarEndedBy,
     AvatarStart,
+    ConnectionLevel,
     CreateAvatarInput,
     CreateRoomInput,
+    Degradation,
     EndReason,
     MintTokenInput,
+    MonitorInput,
     SessionOutcome,
     SessionSpec,
     SessionState,
@@ -77,12 +80,16 @@ class RoomDeleted:
 class ParticipantJoined:
     identity: str
     event_id: str | None = None
+    sid: str | None = None  # the participant's connection, when the source says (webhook or monitor)
+    at: datetime | None = None  # when it happened, when the source says: older than what we know is stale
 
 
 @dataclass(frozen=True)
 class ParticipantLeft:
     identity: str
     event_id: str | None = None
+    sid: str | None = None
+    at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -165,6 +172,67 @@ class TimerFired:
     """The shell's wait for `next_deadline()` ran out."""
 
 
+# The room monitor's events (see "the room monitor" below). Webhooks feed ParticipantJoined/Left/RoomClosed.
+
+
+@dataclass(frozen=True)
+class TrackPublished:
+    identity: str
+    track_sid: str
+    kind: str
+    event_id: str | None = None
+
+
+@dataclass(frozen=True)
+class TrackUnpublished:
+    identity: str
+    track_sid: str
+    event_id: str | None = None
+
+
+@dataclass(frozen=True)
+class QualityChanged:
+    """A participant's connection quality settled on `quality` (it outlasted the monitor's debounce)."""
+
+    identity: str
+    quality: ConnectionLevel
+    detail: str | None = None
+    event_id: str | None = None
+
+
+@dataclass(frozen=True)
+class AvatarFrozen:
+    """The avatar publishes video but no frame arrived for the policy's `avatar_frozen_after`."""
+
+    identity: str
+    detail: str
+    event_id: str | None = None
+
+
+@dataclass(frozen=True)
+class RoomLost:
+    """The room vanished without a webhook (a LiveKit node restarted): the monitor found it missing."""
+
+    detail: str
+    event_id: str | None = None
+
+
+@dataclass(frozen=True)
+class PresenceObserved:
+    """Who is really in the room at `at` (after a gap in what the monitor saw: its start, a reconnect)."""
+
+    identities: tuple[str, ...]
+    at: datetime | None = None
+    event_id: str | None = None
+
+
+@dataclass(frozen=True)
+class MonitorStopped:
+    """The room monitor activity ended: cancelled (detail None), or it failed for good."""
+
+    detail: str | None = None
+
+
 Event = (
     RoomCreated
     | RoomCreateFailed
@@ -184,6 +252,13 @@ Event = (
     | Failed
     | Extended
     | TimerFired
+    | TrackPublished
+    | TrackUnpublished
+    | QualityChanged
+    | AvatarFrozen
+    | RoomLost
+    | PresenceObserved
+    | MonitorStopped
 )
 
 # ---- commands: what the shell must do ----------------------------------------------------------------------
@@ -247,6 +322,18 @@ class PublishStatus:
     status: SessionStatus
 
 
+@dataclass(frozen=True)
+class StartMonitor:
+    """Run the room monitor (media task queue) until cancelled; answered by MonitorStopped."""
+
+    request: MonitorInput
+
+
+@dataclass(frozen=True)
+class CancelMonitor:
+    """Stop the room monitor: it leaves the room (before the room is deleted)."""
+
+
 Command = (
     CreateRoom
     | DeleteRoom
@@ -257,6 +344,8 @@ Command = (
     | CancelKeepAlive
     | StopAvatarSession
     | PublishStatus
+    | StartMonitor
+    | CancelMonitor
 )
 
 
@@ -398,6 +487,33 @@ class People:
 
 
 @dataclass(frozen=True)
+class Heard:
+    """The latest thing a room event said about one participant: later news about an older moment is stale."""
+
+    at: datetime
+    sid: str | None
+    joined: bool
+
+
+@dataclass
+class RoomWatch:
+    """What the room monitor tells the session beyond presence: tracks, quality, a vanished room."""
+
+    enabled: bool = False  # this session runs a monitor (the shell turns it on: `workflow.patched`)
+    running: bool = False
+    tracks: dict[str, dict[str, str]] = field(default_factory=dict)  # identity -> track sid -> kind
+    quality: dict[str, ConnectionLevel] = field(default_factory=dict)
+    degraded: dict[str, Degradation] = field(default_factory=dict)  # identity -> why it degrades the session
+    heard: dict[str, Heard] = field(default_factory=dict)
+    lost_at: datetime | None = None  # the room vanished then; it is being re-created
+    avatar_after_room: bool = False  # the avatar was lost with the room: start a fresh one into the new room
+
+    @property
+    def troubled(self) -> bool:
+        return bool(self.degraded) or self.lost_at is not None
+
+
+@dataclass(frozen=True)
 class Ending:
     reason: EndReason
     detail: str | None
@@ -422,6 +538,7 @@ class SessionMachine:
         self.ended_at: datetime | None = None
         self.recoveries: list[str] = []
         self._seen: deque[str] = deque(maxlen=SEEN_EVENT_IDS)
+        self.room_watch = RoomWatch()
 
     # -- reading -------------------------------------------------------------------------------------------
 
@@ -444,8 +561,8 @@ class SessionMachine:
 
     @property
     def finished(self) -> bool:
-        """Released, and no keep-alive still winding down: the workflow may return."""
-        return self.released and not any(a.keepalive for a in self.avatars.values())
+        """Released, and no keep-alive or room monitor still winding down: the workflow may return."""
+        return self.released and not any(a.keepalive for a in self.avatars.values()) and not self.room_watch.running
 
     @property
     def join_decidable(self) -> bool:
@@ -531,19 +648,18 @@ class SessionMachine:
         if self.room.phase is not RoomPhase.NONE:
             raise UnexpectedEvent("begin() called twice")
         self.room = Room(RoomPhase.CREATING)
+        return [CreateRoom(self._room_request())]
+
+    def _room_request(self) -> CreateRoomInput:
         spec = self.spec
-        return [
-            CreateRoom(
-                CreateRoomInput(
-                    room=spec.room_name,
-                    workflow_id=spec.workflow_id,
-                    session_kind=spec.kind,
-                    max_participants=spec.room_capacity + ENGINE_PARTICIPANTS,
-                    empty_timeout_s=int((spec.no_show_timeout + timedelta(minutes=1)).total_seconds()),
-                    departure_timeout_s=int((spec.reconnect_grace + DEPARTURE_MARGIN).total_seconds()),
-                )
-            )
-        ]
+        return CreateRoomInput(
+            room=spec.room_name,
+            workflow_id=spec.workflow_id,
+            session_kind=spec.kind,
+            max_participants=spec.room_capacity + ENGINE_PARTICIPANTS,
+            empty_timeout_s=int((spec.no_show_timeout + timedelta(minutes=1)).total_seconds()),
+            departure_timeout_s=int((spec.reconnect_grace + DEPARTURE_MARGIN).total_seconds()),
+        )
 
     def admit(self, identity: str) -> MintTokenInput:
         """Admit `identity` (raises a typed refusal) and say which token to mint for them."""
@@ -578,10 +694,15 @@ class SessionMachine:
                 self._expect_room(RoomPhase.DELETING, event)
                 self.room = Room(RoomPhase.GONE)
                 return []
-            case ParticipantJoined(identity, event_id):
-                return [] if self._seen_before(event_id) else self._on_joined(identity, now)
-            case ParticipantLeft(identity, event_id):
-                return [] if self._seen_before(event_id) else self._on_left(identity, now)
+            case ParticipantJoined(identity, event_id, sid, at):
+                if self._seen_before(event_id) or self._stale(identity, sid, at, joined=True):
+                    return []
+                return self._on_joined(identity, now)
+            case ParticipantLeft(identity, event_id, sid, at):
+                if self._seen_before(event_id) or self._stale(identity, sid, at, joined=False):
+                    return []
+                self._forget_connection(identity)
+                return self._on_left(identity, now)
             case RoomClosed(event_id):
                 if self._seen_before(event_id) or self.ending:
                     return []  # our own delete_room, echoed back by the webhook, or a duplicate
@@ -626,6 +747,11 @@ class SessionMachine:
                 return []
             case TimerFired():
                 return self._on_timer(now)
+            case (
+                TrackPublished() | TrackUnpublished() | QualityChanged() | AvatarFrozen() | RoomLost()
+                | PresenceObserved() | MonitorStopped()
+            ):
+                return self._on_monitor_event(event, now)
         raise UnexpectedEvent(f"unknown event {event!r}")
 
     def _seen_before(self, event_id: str | None) -> bool:
@@ -646,6 +772,8 @@ class SessionMachine:
 
     def _on_room_created(self, now: datetime) -> list[Command]:
         room = self._expect_room(RoomPhase.CREATING, RoomCreated())
+        if self.room_watch.lost_at is not None:
+            return self._on_room_recreated(room, now)
         self.room = Room(RoomPhase.LIVE)
         if room.delete_wanted or self.ending:
             return self._delete_room()
@@ -653,7 +781,7 @@ class SessionMachine:
         if self.people.joined:  # someone was reported in the room before its create was confirmed
             self.live_since = now
             self._refresh_status()
-        return self._maybe_request_avatar(now)
+        return self._start_monitor() + self._maybe_request_avatar(now)
 
     def _on_room_create_failed(self, detail: str, now: datetime) -> list[Command]:
         room = self._expect_room(RoomPhase.CREATING, RoomCreateFailed(detail))
@@ -919,6 +1047,159 @@ class SessionMachine:
             self.recoveries.append(f"avatar replacement {self.avatar.replacements} after: {self.avatar.problem}")
         return self._create_avatar(now)
 
+    # -- the room monitor ----------------------------------------------------------------------------------
+    #
+    # A hidden participant on the media task queue that reports what webhooks cannot: tracks, connection quality,
+    # a frozen avatar, a room that vanished, and who is really in the room after a gap. Its joins and leaves
+    # are the same events as the webhooks'; whichever comes first counts, the other changes nothing.
+
+    def enable_monitor(self) -> None:
+        """This session runs a room monitor once its room is live (the shell calls this behind a patch)."""
+        self.room_watch.enabled = True
+
+    def _start_monitor(self) -> list[Command]:
+        watch, spec = self.room_watch, self.spec
+        if not watch.enabled or watch.running or self.ending:
+            return []
+        watch.running = True
+        policy = spec.quality_policy
+        return [
+            StartMonitor(
+                MonitorInput(
+                    session_id=spec.session_id,
+                    workflow_id=spec.workflow_id,
+                    room=spec.room_name,
+                    avatar_identity_prefix=avatar_identity_prefix(spec.session_id),
+                    quality_sustain_s=policy.sustain.total_seconds(),
+                    avatar_frozen_after_s=policy.avatar_frozen_after.total_seconds(),
+                )
+            )
+        ]
+
+    def _stop_monitor(self) -> list[Command]:
+        return [CancelMonitor()] if self.room_watch.running else []
+
+    def _stale(self, identity: str, sid: str | None, at: datetime | None, *, joined: bool) -> bool:
+        """True if this join or leave is older news than what we already know about `identity` (any source)."""
+        if at is None:
+            return False  # the source gave no time (older gateways): taken as it comes
+        watch = self.room_watch
+        last = watch.heard.get(identity)
+        if last is not None and at < last.at:
+            return True
+        if not joined and last is not None and last.joined and sid and last.sid and sid != last.sid:
+            return True  # an earlier connection of theirs going, after a newer one came in
+        watch.heard[identity] = Heard(at, sid, joined)
+        return False
+
+    def _forget_connection(self, identity: str) -> None:
+        watch = self.room_watch
+        watch.tracks.pop(identity, None)
+        watch.quality.pop(identity, None)
+        watch.degraded.pop(identity, None)
+
+    def _on_monitor_event(self, event: Event, now: datetime) -> list[Command]:
+        match event:
+            case MonitorStopped(detail):
+                self.room_watch.running = False
+                if detail and not self.ending:
+                    self.recoveries.append(f"room monitor stopped: {detail}")
+                return []
+            case _ if self._seen_before(getattr(event, "event_id", None)):
+                return []
+            case TrackPublished(identity, track_sid, kind):
+                if self._is_ours(identity):
+                    self.room_watch.tracks.setdefault(identity, {})[track_sid] = kind
+                return []
+            case TrackUnpublished(identity, track_sid):
+                self.room_watch.tracks.get(identity, {}).pop(track_sid, None)
+                return []
+            case QualityChanged(identity, quality, detail):
+                return self._on_quality(identity, quality, detail, now)
+            case AvatarFrozen(identity, detail):
+                current = self.avatar.current
+                if self.ending or current is None or self.avatars[current].identity != identity:
+                    return []
+                return self._on_current_lost(current, f"the avatar's video froze: {detail}", now)
+            case RoomLost(detail):
+                return self._on_room_lost(detail, now)
+            case PresenceObserved(identities, at):
+                return self._on_presence(set(identities), at, now)
+        raise UnexpectedEvent(f"not a monitor event: {event!r}")
+
+    def _is_ours(self, identity: str) -> bool:
+        return self.spec.participant(identity) is not None or self._is_avatar(identity)
+
+    def _on_quality(self, identity: str, quality: ConnectionLevel, detail: str | None, now: datetime) -> list[Command]:
+        """A human's sustained quality: a level the policy names degrades the session (who, why); better clears it."""
+        watch = self.room_watch
+        if self.ending or self.spec.participant(identity) is None or quality is ConnectionLevel.UNKNOWN:
+            return []
+        watch.quality[identity] = quality
+        if quality in self.spec.quality_policy.degrade_on and identity in self.people.present:
+            if identity not in watch.degraded or watch.degraded[identity].quality is not quality:
+                watch.degraded[identity] = Degradation(identity=identity, quality=quality, since=now, detail=detail)
+        elif watch.degraded.pop(identity, None) is not None:
+            self.recoveries.append(f"{identity}'s connection recovered ({quality.value})")
+        self._refresh_status()
+        return []
+
+    def _on_room_lost(self, detail: str, now: datetime) -> list[Command]:
+        """The room is gone while the session is live: re-create it, start a fresh avatar into it, and give
+        everyone who was in it their reconnect grace (they rejoin with a fresh grant, or are lost as usual)."""
+        watch, people = self.room_watch, self.people
+        if self.ending or self.room.phase is not RoomPhase.LIVE:
+            return []
+        watch.lost_at = now
+        self.room = Room(RoomPhase.CREATING)
+        self.recoveries.append(f"room lost at {now:%H:%M:%S} UTC ({detail}): re-creating it")
+        for identity in sorted(people.present):
+            people.reconnect_by[identity] = now + self.spec.reconnect_grace
+            self._forget_connection(identity)
+        people.present.clear()
+        commands: list[Command] = []
+        current = self.avatar.current
+        if current is not None:
+            commands += self._stop_avatar(current, "lost: its room vanished (LiveKit restarted)")
+            watch.avatar_after_room = True
+        self._refresh_status()
+        return [*commands, CreateRoom(self._room_request())]
+
+    def _on_room_recreated(self, room: Room, now: datetime) -> list[Command]:
+        watch = self.room_watch
+        assert watch.lost_at is not None
+        self.room = Room(RoomPhase.LIVE)
+        took = (now - watch.lost_at).total_seconds()
+        watch.lost_at = None
+        if room.delete_wanted or self.ending:
+            return self._delete_room()
+        self.recoveries.append(f"room re-created {took:.1f} s after it was lost")
+        commands: list[Command] = []
+        if watch.avatar_after_room and not self.avatar.start_in_flight and not self.avatar.fallback:
+            watch.avatar_after_room = False
+            commands += self._create_avatar(now)
+        self._refresh_status()
+        return commands
+
+    def _on_presence(self, identities: set[str], at: datetime | None, now: datetime) -> list[Command]:
+        """Reconcile with who is really in the room: whoever left or came unseen (a gap) is caught up."""
+        if self.ending:
+            return []
+        commands: list[Command] = []
+        for identity in sorted(self.people.present - identities):
+            if not self._stale(identity, None, at, joined=False):
+                self._forget_connection(identity)
+                commands += self._on_left(identity, now)
+        for identity in sorted(identities - self.people.present):
+            if self.spec.participant(identity) is not None and not self._stale(identity, None, at, joined=True):
+                commands += self._on_joined(identity, now)
+        serving = self.avatar_identity if self.avatar.current else None
+        if serving is not None and serving in identities:
+            self.avatar.present = True
+        elif serving is not None and self.avatar.present:
+            commands += self._on_left(serving, now)
+        return commands
+
     # -- timers --------------------------------------------------------------------------------------------
 
     def _on_timer(self, now: datetime) -> list[Command]:
@@ -954,7 +1235,8 @@ class SessionMachine:
             and plan.requested
             and (plan.fallback or plan.retry_at is not None or (plan.current is None and plan.problem is not None))
         )
-        self.status = SessionStatus.DEGRADED if avatar_down or self.people.reconnect_by else SessionStatus.LIVE
+        troubled = avatar_down or self.people.reconnect_by or self.room_watch.troubled
+        self.status = SessionStatus.DEGRADED if troubled else SessionStatus.LIVE
 
     def _end(self, reason: EndReason, detail: str | None, now: datetime) -> list[Command]:
         if self.ending:
@@ -967,12 +1249,12 @@ class SessionMachine:
         return self._release_all()
 
     def _release_all(self) -> list[Command]:
-        stops: list[Command] = []
+        stops: list[Command] = self._stop_monitor()  # it leaves the room before the room is deleted
         for avatar_id in list(self.avatars):
             stops += self._stop_avatar(avatar_id, self._session_ended_reason())
         # Every keep-alive is told to stop before any stop goes out.
-        cancels = [c for c in stops if isinstance(c, CancelKeepAlive)]
-        return cancels + [c for c in stops if not isinstance(c, CancelKeepAlive)] + self._delete_room()
+        cancels = [c for c in stops if isinstance(c, CancelKeepAlive | CancelMonitor)]
+        return cancels + [c for c in stops if not isinstance(c, CancelKeepAlive | CancelMonitor)] + self._delete_room()
 
     def _session_ended_reason(self) -> str:
         assert self.ending is not None
@@ -1015,6 +1297,10 @@ class SessionMachine:
             end_reason=self.end_reason,
             end_detail=(self.ending.detail if self.ending else None) or plan.problem,
             avatar_billing=self.avatar_billing(),
+            degraded=list(self.room_watch.degraded.values()),
+            quality=dict(sorted(self.room_watch.quality.items())),
+            tracks={who: sorted(t.values()) for who, t in sorted(self.room_watch.tracks.items()) if t},
+            monitored=self.room_watch.running,
         )
 
     def outcome(self) -> SessionOutcome:

@@ -92,6 +92,16 @@ class Participant(Strict):
         return v
 
 
+class ConnectionLevel(StrEnum):
+    """LiveKit's connection quality of one participant, as the monitor receives it."""
+
+    EXCELLENT = "excellent"
+    GOOD = "good"
+    POOR = "poor"
+    LOST = "lost"
+    UNKNOWN = "unknown"
+
+
 class AvatarStart(StrEnum):
     ON_FIRST_JOIN = "on_first_join"  # saves credits: nobody to talk to, nothing billed
     IMMEDIATELY = "immediately"
@@ -116,6 +126,24 @@ class AvatarSpec(Strict):
     max_session_duration: Annotated[timedelta, Field(ge=timedelta(minutes=2), le=timedelta(hours=8))] = timedelta(hours=1)
 
 
+class QualityPolicy(Strict):
+    """What a human participant's connection quality means for the session (the room monitor measures it)."""
+
+    # A level must hold this long before it counts (a blip is not a problem).
+    sustain: Annotated[timedelta, Field(ge=timedelta(0), le=timedelta(minutes=5))] = timedelta(seconds=5)
+    # These levels mark the session degraded, naming who and why; a better level clears it.
+    degrade_on: Annotated[list[ConnectionLevel], Field(max_length=4)] = [ConnectionLevel.POOR, ConnectionLevel.LOST]
+    # The avatar's video published but no frame for this long: the avatar is replaced (its usual recovery).
+    avatar_frozen_after: Annotated[timedelta, Field(ge=timedelta(seconds=2), le=timedelta(minutes=5))] = timedelta(seconds=6)
+
+
+# Per session kind when the spec names no policy: an interview degrades on poor quality, coaching only on lost.
+DEFAULT_QUALITY: dict[SessionKind, QualityPolicy] = {
+    SessionKind.INTERVIEW: QualityPolicy(),
+    SessionKind.COACHING: QualityPolicy(sustain=timedelta(seconds=10), degrade_on=[ConnectionLevel.LOST]),
+}
+
+
 class SessionSpec(Strict):
     """Everything a session needs to know, fixed when it starts."""
 
@@ -133,6 +161,7 @@ class SessionSpec(Strict):
     reconnect_grace: Annotated[timedelta, Field(ge=timedelta(0), le=timedelta(minutes=30))] = timedelta(seconds=60)
     when_participant_lost: WhenLost = WhenLost.CONTINUE
     metadata: dict[Annotated[str, StringConstraints(max_length=64)], Annotated[str, StringConstraints(max_length=1024)]] = {}
+    quality: QualityPolicy | None = None  # None: the default of the session's kind (DEFAULT_QUALITY)
 
     @model_validator(mode="after")
     def _consistent(self) -> SessionSpec:
@@ -162,6 +191,10 @@ class SessionSpec(Strict):
     def participant(self, identity: str) -> Participant | None:
         return next((p for p in self.participants if p.identity == identity), None)
 
+    @property
+    def quality_policy(self) -> QualityPolicy:
+        return self.quality or DEFAULT_QUALITY[self.kind]
+
 
 class JoinRequest(Strict):
     identity: Identity
@@ -190,14 +223,40 @@ class RoomEventKind(StrEnum):
     PARTICIPANT_JOINED = "participant_joined"
     PARTICIPANT_LEFT = "participant_left"
     ROOM_FINISHED = "room_finished"
+    # From the room monitor only (webhooks carry no quality, frames or presence).
+    TRACK_PUBLISHED = "track_published"
+    TRACK_UNPUBLISHED = "track_unpublished"
+    QUALITY_CHANGED = "quality_changed"  # a level that outlasted the monitor's debounce window
+    AVATAR_FROZEN = "avatar_frozen"  # the avatar's video is published but no frame came for a while
+    ROOM_LOST = "room_lost"  # the room vanished without a webhook (LiveKit restarted)
+    PRESENCE = "presence"  # who is really in the room, after any gap in what the monitor saw
+
+
+class RoomEventSource(StrEnum):
+    WEBHOOK = "webhook"
+    MONITOR = "monitor"
+
+
+EventText = Annotated[str, StringConstraints(max_length=200)]
 
 
 class RoomEvent(Strict):
-    """A room happening, from the LiveKit webhook receiver (or, later, the room monitor). Deduplicated by id."""
+    """A room happening, from the LiveKit webhook receiver or the room monitor: one stream, deduplicated by id.
+
+    `sid` (the participant's connection) and `at` (when it happened) let the session ignore an event that
+    arrives after a later one about the same person (a webhook retried after the monitor saw them leave)."""
 
     event_id: Annotated[str, StringConstraints(min_length=1, max_length=128)]
     kind: RoomEventKind
     identity: str | None = None
+    source: RoomEventSource = RoomEventSource.WEBHOOK
+    sid: Annotated[str, StringConstraints(max_length=64)] | None = None
+    at: datetime | None = None
+    track_sid: Annotated[str, StringConstraints(max_length=64)] | None = None
+    track_kind: Annotated[str, StringConstraints(max_length=16)] | None = None
+    quality: ConnectionLevel | None = None
+    detail: EventText | None = None
+    present: Annotated[list[str], Field(max_length=200)] | None = None  # PRESENCE: every identity in the room
 
 
 # ---- activity inputs and outputs -------------------------------------------------------------------------
@@ -242,6 +301,22 @@ class AvatarRef(Strict):
     avatar_session_id: str
 
 
+def monitor_identity_for(session_id: str) -> str:
+    """The room monitor's identity: one per session, so a retried monitor replaces a leftover one."""
+    return f"monitor-{session_id}"
+
+
+class MonitorInput(Strict):
+    """What the room monitor needs: which room, whose workflow to tell, what counts as a change."""
+
+    session_id: str
+    workflow_id: str
+    room: str
+    avatar_identity_prefix: str
+    quality_sustain_s: float
+    avatar_frozen_after_s: float
+
+
 # ---- what the outside reads ------------------------------------------------------------------------------
 
 
@@ -263,6 +338,17 @@ class AvatarBilling(BaseModel):
     seconds: float  # billed, from started_at to ended_at (0 until it has ended)
     end_reason: str | None  # why it was stopped or ended (None while it serves)
     ended_by: AvatarEndedBy | None
+
+
+class Degradation(BaseModel):
+    """Why the session is degraded because of one participant's connection (from the room monitor)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    identity: str
+    quality: ConnectionLevel
+    since: datetime
+    detail: str | None = None
 
 
 class SessionState(BaseModel):
@@ -289,6 +375,11 @@ class SessionState(BaseModel):
     end_detail: str | None
     # Every avatar session so far. A default, so a state from a worker that predates it still parses.
     avatar_billing: list[AvatarBilling] = Field(default_factory=list)
+    # From the room monitor (defaults, so a state from a worker that predates it still parses).
+    degraded: list[Degradation] = Field(default_factory=list)  # who makes the session degraded, and why
+    quality: dict[str, ConnectionLevel] = Field(default_factory=dict)  # last sustained level per participant
+    tracks: dict[str, list[str]] = Field(default_factory=dict)  # published track kinds per participant
+    monitored: bool = False  # a room monitor is running for this session
 
 
 class SessionOutcome(BaseModel):
