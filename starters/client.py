@@ -209,6 +209,8 @@ class SessionClient:
                     SearchAttributePair(SESSION_STATUS, SessionStatus.PROVISIONING.value),
                 ]
             ),
+            # The room monitor's task queue (read by the workflow, which has no settings of its own).
+            "memo": {"media_task_queue": self.settings.media_task_queue},
             "static_summary": _summary(spec),
             "static_details": _details(spec),
         }

@@ -1,4 +1,5 @@
-"""The worker process: runs SessionWorkflow and every activity on one task queue."""
+"""The worker processes: the default one runs SessionWorkflow and every activity on the session task queue;
+`--media` runs the room monitors on the media task queue, so media work scales apart from workflow work."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from temporalio.worker import Worker
 
 from activities.avatar import AvatarActivities
 from activities.livekit import LiveKitActivities
+from activities.monitor import MonitorActivities
 from activities.reaper import ReaperActivities
 from config.settings import Settings, get_settings
 from workers.schedules import ensure_reaper_schedule
@@ -55,17 +57,39 @@ def build_worker(client: Client, settings: Settings, *, task_queue: str | None =
     )
 
 
-async def run_worker(settings: Settings | None = None) -> None:
+def build_media_worker(client: Client, settings: Settings, *, task_queue: str | None = None) -> Worker:
+    """The room monitors: one long-running activity per session, no workflows."""
+    return Worker(
+        client,
+        task_queue=task_queue or settings.media_task_queue,
+        activities=[MonitorActivities(settings).monitor_room],
+        max_concurrent_activities=settings.media_max_sessions,
+        # A monitor only leaves its room when cancelled: on shutdown it is handed to another media worker.
+        graceful_shutdown_timeout=timedelta(seconds=2),
+        max_heartbeat_throttle_interval=timedelta(seconds=1),
+    )
+
+
+async def run_worker(settings: Settings | None = None, *, media: bool = False) -> None:
     """Run until SIGTERM or SIGINT, then shut down gracefully: nothing is torn down, work is handed over."""
     settings = settings or get_settings()
     client = await connect(settings)
+    if media:
+        worker = build_media_worker(client, settings)
+        log.info("media worker started", task_queue=settings.media_task_queue, temporal=settings.temporal_address)
+        await _until_signalled(worker)
+        return
     worker = build_worker(client, settings)
     await ensure_reaper_schedule(client, settings, settings.task_queue)
+    log.info("worker started", task_queue=settings.task_queue, temporal=settings.temporal_address)
+    await _until_signalled(worker)
+
+
+async def _until_signalled(worker: Worker) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    log.info("worker started", task_queue=settings.task_queue, temporal=settings.temporal_address)
     async with worker:
         await stop.wait()
         log.info("worker shutting down", reason="signal")

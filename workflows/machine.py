@@ -505,6 +505,7 @@ class RoomWatch:
     quality: dict[str, ConnectionLevel] = field(default_factory=dict)
     degraded: dict[str, Degradation] = field(default_factory=dict)  # identity -> why it degrades the session
     heard: dict[str, Heard] = field(default_factory=dict)
+    gone_sids: dict[str, set[str]] = field(default_factory=dict)  # connections that left, per identity
     lost_at: datetime | None = None  # the room vanished then; it is being re-created
     avatar_after_room: bool = False  # the avatar was lost with the room: start a fresh one into the new room
 
@@ -1080,16 +1081,24 @@ class SessionMachine:
         return [CancelMonitor()] if self.room_watch.running else []
 
     def _stale(self, identity: str, sid: str | None, at: datetime | None, *, joined: bool) -> bool:
-        """True if this join or leave is older news than what we already know about `identity` (any source)."""
-        if at is None:
-            return False  # the source gave no time (older gateways): taken as it comes
+        """True if this join or leave is older news than what we already know about `identity`, whichever
+        source told us. A connection (`sid`) joins once and leaves once; between connections, time decides."""
         watch = self.room_watch
         last = watch.heard.get(identity)
-        if last is not None and at < last.at:
+        if sid is not None:
+            gone = watch.gone_sids.setdefault(identity, set())
+            if not joined:
+                gone.add(sid)
+                if last is not None and last.joined and last.sid is not None and last.sid != sid:
+                    return True  # an earlier connection of theirs going, after a newer one came in
+            elif sid in gone:
+                return True  # a join of a connection that has already left
+            if last is not None and last.sid != sid and at is not None and at < last.at:
+                return True  # older news about another connection
+        elif at is not None and last is not None and at < last.at:
             return True
-        if not joined and last is not None and last.joined and sid and last.sid and sid != last.sid:
-            return True  # an earlier connection of theirs going, after a newer one came in
-        watch.heard[identity] = Heard(at, sid, joined)
+        if at is not None:
+            watch.heard[identity] = Heard(at, sid, joined)
         return False
 
     def _forget_connection(self, identity: str) -> None:

@@ -27,10 +27,12 @@ with workflow.unsafe.imports_passed_through():
         AvatarCreated,
         AvatarCreateFailed,
         AvatarEnded,
+        AvatarFrozen,
         AvatarStarted,
         AvatarStartFailed,
         AvatarStopped,
         CancelKeepAlive,
+        CancelMonitor,
         CancelRequested,
         Command,
         CreateAvatarSession,
@@ -43,19 +45,26 @@ with workflow.unsafe.imports_passed_through():
         Failed,
         KeepAliveStopped,
         KeepAvatarAlive,
+        MonitorStopped,
         ParticipantJoined,
         ParticipantLeft,
+        PresenceObserved,
         PublishAvatarSessions,
         PublishStatus,
+        QualityChanged,
         Refusal,
         RoomClosed,
         RoomCreated,
         RoomCreateFailed,
         RoomDeleted,
+        RoomLost,
         SessionMachine,
         StartAvatarSession,
+        StartMonitor,
         StopAvatarSession,
         TimerFired,
+        TrackPublished,
+        TrackUnpublished,
     )
     from workflows.models import AvatarCreated as AvatarCreatedResult
     from workflows.models import (
@@ -65,6 +74,7 @@ with workflow.unsafe.imports_passed_through():
         ExtendRequest,
         JoinGrant,
         JoinRequest,
+        MonitorInput,
         RoomEvent,
         RoomEventKind,
         SessionOutcome,
@@ -87,6 +97,11 @@ T = TypeVar("T")
 PATCH_LATE_CANCEL_KEEPS_OUTCOME = "late-cancel-keeps-outcome"  # a cancel after the end no longer discards the outcome
 PATCH_OUTCOME_MEMO = "outcome-memo"  # the outcome is kept in the memo, readable after any close
 PATCH_LOCAL_TOKEN = "local-token"  # a join's token is minted by a local activity (one workflow task less)
+PATCH_ROOM_MONITOR = "room-monitor"  # a room monitor (media task queue) reports tracks, quality, room loss
+
+# The room monitor: its worker's death shows within this; the queue is the starter's choice (memo), else this.
+MONITOR_HEARTBEAT = timedelta(seconds=5)
+MEDIA_TASK_QUEUE = "session-media"
 
 
 class Bug(RuntimeError):
@@ -101,6 +116,7 @@ class SessionWorkflow:
         self._spec = spec
         self._machine = SessionMachine(spec, started_at=workflow.now())
         self._keepalives: dict[str, asyncio.Task[None]] = {}  # avatar session id -> its keep-alive
+        self._monitor: asyncio.Task[None] | None = None
         self._bug: BaseException | None = None
 
     # ---- the run: platform concerns --------------------------------------------------------------------------
@@ -141,6 +157,8 @@ class SessionWorkflow:
 
     async def _live(self) -> None:
         """Run until the machine decides the session ends, waking it at each deadline it names."""
+        if workflow.patched(PATCH_ROOM_MONITOR):
+            self._machine.enable_monitor()
         self._execute(self._machine.begin())
         workflow.set_current_details(current_details(self._machine.state()))
         while not self._machine.ending:
@@ -241,6 +259,11 @@ class SessionWorkflow:
                         lambda: AvatarStopped(avatar_id), None,
                         start_to_close_timeout=timedelta(seconds=30), retry_policy=FOREVER,
                     ))
+                case StartMonitor(request):
+                    self._monitor = self._spawn(self._run_monitor(request))
+                case CancelMonitor():
+                    assert self._monitor is not None, "the machine cancels only a monitor it started"
+                    self._monitor.cancel()
 
     def _spawn(self, work: Awaitable[None]) -> asyncio.Task[None]:
         """Run `work` beside the main loop (a workflow cancel does not reach it; see `_cleanup_despite_cancel`).
@@ -324,6 +347,30 @@ class SessionWorkflow:
             del self._keepalives[avatar_id]
         self._apply(KeepAliveStopped(avatar_id))
 
+    async def _run_monitor(self, request: MonitorInput) -> None:
+        """The room monitor, on the media task queue, until cancelled. A dead media worker misses a heartbeat
+        and the monitor is retried on another, resuming from its last heartbeat."""
+        detail: str | None = None
+        try:
+            await workflow.execute_activity(
+                "monitor_room",
+                request,
+                task_queue=str(workflow.memo_value("media_task_queue", MEDIA_TASK_QUEUE)),
+                start_to_close_timeout=self._spec.max_duration_cap + timedelta(minutes=10),
+                heartbeat_timeout=MONITOR_HEARTBEAT,
+                retry_policy=KEEPALIVE,
+                # It only watches: the session never waits for it to leave (the room's deletion ends it anyway).
+                cancellation_type=ActivityCancellationType.TRY_CANCEL,
+                summary=f"monitor room {request.room}",
+            )
+            detail = "the monitor returned on its own"
+        except asyncio.CancelledError:
+            pass  # cancelled at the end
+        except ActivityError as e:
+            if not is_cancelled_exception(e):
+                detail = _describe(e)
+        self._apply(MonitorStopped(detail))
+
     # ---- updates, signals, queries ----------------------------------------------------------------------------
 
     @workflow.update
@@ -377,14 +424,18 @@ class SessionWorkflow:
 
     @workflow.signal
     def room_event(self, event: RoomEvent) -> None:
-        """A room happening (LiveKit webhook receiver); the machine ignores duplicates and late arrivals."""
+        """A room happening (LiveKit webhooks and the room monitor); the machine ignores duplicates and stale news."""
         match event.kind:
             case RoomEventKind.PARTICIPANT_JOINED if event.identity:
-                self._apply(ParticipantJoined(event.identity, event.event_id))
+                self._apply(ParticipantJoined(event.identity, event.event_id, event.sid, event.at))
             case RoomEventKind.PARTICIPANT_LEFT if event.identity:
-                self._apply(ParticipantLeft(event.identity, event.event_id))
+                self._apply(ParticipantLeft(event.identity, event.event_id, event.sid, event.at))
             case RoomEventKind.ROOM_FINISHED:
                 self._apply(RoomClosed(event.event_id))
+            case _:
+                monitor_event = _monitor_event(event)
+                if monitor_event is not None:
+                    self._apply(monitor_event)
 
     @workflow.query
     def state(self) -> SessionState:
@@ -408,6 +459,9 @@ def current_details(state: SessionState) -> str:
     ]
     if state.reconnecting:
         lines.append(f"reconnecting: {', '.join(state.reconnecting)}")
+    for why in state.degraded:
+        detail = f" ({why.detail})" if why.detail else ""
+        lines.append(f"connection {why.quality.value}: {why.identity} since {why.since:%H:%M:%S}{detail}")
     if state.avatar_fallback:
         lines.append("continuing without the avatar")
     if state.recoveries:
@@ -417,6 +471,24 @@ def current_details(state: SessionState) -> str:
     elif state.end_detail:
         lines.append(f"problem: {state.end_detail}")
     return "\n\n".join(lines)
+
+
+def _monitor_event(event: RoomEvent) -> Event | None:
+    """The machine event for one of the room monitor's signals (None: one that lacks what it needs)."""
+    match event:
+        case RoomEvent(kind=RoomEventKind.TRACK_PUBLISHED, identity=str(who), track_sid=str(track)):
+            return TrackPublished(who, track, event.track_kind or "unknown", event.event_id)
+        case RoomEvent(kind=RoomEventKind.TRACK_UNPUBLISHED, identity=str(who), track_sid=str(track)):
+            return TrackUnpublished(who, track, event.event_id)
+        case RoomEvent(kind=RoomEventKind.QUALITY_CHANGED, identity=str(who), quality=quality) if quality is not None:
+            return QualityChanged(who, quality, event.detail, event.event_id)
+        case RoomEvent(kind=RoomEventKind.AVATAR_FROZEN, identity=str(who)):
+            return AvatarFrozen(who, event.detail or "no video frames", event.event_id)
+        case RoomEvent(kind=RoomEventKind.ROOM_LOST):
+            return RoomLost(event.detail or "the room vanished", event.event_id)
+        case RoomEvent(kind=RoomEventKind.PRESENCE, present=list(present)):
+            return PresenceObserved(tuple(present), event.at, event.event_id)
+    return None
 
 
 def _refuse(r: Refusal) -> NoReturn:

@@ -134,9 +134,9 @@ def test_the_quality_policy_is_per_kind_and_configurable():
     m = monitored(coaching)
     m.handle(ParticipantJoined("alice"), T1)
     m.handle(QualityChanged("alice", ConnectionLevel.POOR, None, "q1"), at(2))
-    assert m.status is SessionStatus.LIVE  # coaching only minds a lost connection
+    assert m.state().status is SessionStatus.LIVE  # coaching only minds a lost connection
     m.handle(QualityChanged("alice", ConnectionLevel.LOST, None, "q2"), at(3))
-    assert m.status is SessionStatus.DEGRADED
+    assert m.state().status is SessionStatus.DEGRADED
     strict = make_spec(avatar=None).model_copy(update={"quality": QualityPolicy(degrade_on=[ConnectionLevel.GOOD])})
     s = monitored(strict)
     s.handle(ParticipantJoined("alice"), T1)
