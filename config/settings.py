@@ -40,6 +40,7 @@ class Settings(BaseSettings):
     temporal_ui_url: str = Field("http://127.0.0.1:8233", validation_alias=_env("TEMPORAL_UI_URL"))
     task_queue: str = Field("sessionflow", validation_alias=_env("SESSIONFLOW_TASK_QUEUE"))
     # The room monitors run here (`sessionflow worker --media`), apart from workflow work; starters pass it on.
+    # Empty: sessions started with these settings run no room monitor (webhooks only).
     media_task_queue: str = Field("session-media", validation_alias=_env("SESSIONFLOW_MEDIA_TASK_QUEUE"))
     # How many rooms one media worker watches at once (each monitor is one long-running activity).
     media_max_sessions: int = Field(200, ge=1, validation_alias=_env("SESSIONFLOW_MEDIA_MAX_SESSIONS"))

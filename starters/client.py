@@ -46,7 +46,7 @@ from workflows.models import (
     workflow_id_for,
 )
 from workflows.search_attributes import SESSION_ID, SESSION_KIND, SESSION_STATUS
-from workflows.session import SessionWorkflow
+from workflows.session import MEDIA_QUEUE_MEMO, SessionWorkflow
 
 
 class SessionError(Exception):
@@ -210,7 +210,7 @@ class SessionClient:
                 ]
             ),
             # The room monitor's task queue (read by the workflow, which has no settings of its own).
-            "memo": {"media_task_queue": self.settings.media_task_queue},
+            "memo": {MEDIA_QUEUE_MEMO: self.settings.media_task_queue},
             "static_summary": _summary(spec),
             "static_details": _details(spec),
         }

@@ -99,9 +99,10 @@ PATCH_OUTCOME_MEMO = "outcome-memo"  # the outcome is kept in the memo, readable
 PATCH_LOCAL_TOKEN = "local-token"  # a join's token is minted by a local activity (one workflow task less)
 PATCH_ROOM_MONITOR = "room-monitor"  # a room monitor (media task queue) reports tracks, quality, room loss
 
-# The room monitor: its worker's death shows within this; the queue is the starter's choice (memo), else this.
+# The room monitor: its worker's death shows within this. Its task queue is the starter's choice (this memo key;
+# an empty or missing one runs no monitor, e.g. time-skipping tests, where a long activity would stop the clock).
 MONITOR_HEARTBEAT = timedelta(seconds=5)
-MEDIA_TASK_QUEUE = "session-media"
+MEDIA_QUEUE_MEMO = "media_task_queue"
 
 
 class Bug(RuntimeError):
@@ -157,7 +158,7 @@ class SessionWorkflow:
 
     async def _live(self) -> None:
         """Run until the machine decides the session ends, waking it at each deadline it names."""
-        if workflow.patched(PATCH_ROOM_MONITOR):
+        if workflow.patched(PATCH_ROOM_MONITOR) and self._media_task_queue():
             self._machine.enable_monitor()
         self._execute(self._machine.begin())
         workflow.set_current_details(current_details(self._machine.state()))
@@ -347,6 +348,11 @@ class SessionWorkflow:
             del self._keepalives[avatar_id]
         self._apply(KeepAliveStopped(avatar_id))
 
+    @staticmethod
+    def _media_task_queue() -> str:
+        """Where the room monitor runs: the starter names it in the memo; none named, no monitor."""
+        return str(workflow.memo_value(MEDIA_QUEUE_MEMO, ""))
+
     async def _run_monitor(self, request: MonitorInput) -> None:
         """The room monitor, on the media task queue, until cancelled. A dead media worker misses a heartbeat
         and the monitor is retried on another, resuming from its last heartbeat."""
@@ -355,7 +361,7 @@ class SessionWorkflow:
             await workflow.execute_activity(
                 "monitor_room",
                 request,
-                task_queue=str(workflow.memo_value("media_task_queue", MEDIA_TASK_QUEUE)),
+                task_queue=self._media_task_queue(),
                 start_to_close_timeout=self._spec.max_duration_cap + timedelta(minutes=10),
                 heartbeat_timeout=MONITOR_HEARTBEAT,
                 retry_policy=KEEPALIVE,

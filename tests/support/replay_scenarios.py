@@ -51,10 +51,12 @@ class Rig:
     task_queue: str = field(default_factory=lambda: f"replay-{uuid.uuid4()}")
     worker: Worker | None = None
     running: asyncio.Task[None] | None = None
+    media_task_queue: str = ""  # none: no room monitor (a long-running activity stops the time-skipping clock)
 
     @property
     def sessions(self) -> SessionClient:
-        return SessionClient(self.env.client, Settings(), task_queue=self.task_queue)
+        settings = Settings(media_task_queue=self.media_task_queue)
+        return SessionClient(self.env.client, settings, task_queue=self.task_queue)
 
     def start_worker(self) -> None:
         self.worker = Worker(

@@ -151,7 +151,7 @@ class Story:
 @asynccontextmanager
 async def story(env: WorkflowEnvironment, variant: str) -> AsyncIterator[Story]:
     task_queue = f"prop-{uuid.uuid4()}"
-    s = Story(env, ScriptedWorld(), spec_for(variant), task_queue, SessionClient(env.client, Settings(), task_queue=task_queue))
+    s = Story(env, ScriptedWorld(), spec_for(variant), task_queue, SessionClient(env.client, Settings(media_task_queue=""), task_queue=task_queue))
     s.start_worker()
     try:
         yield s
