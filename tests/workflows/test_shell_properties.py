@@ -151,7 +151,8 @@ class Story:
 @asynccontextmanager
 async def story(env: WorkflowEnvironment, variant: str) -> AsyncIterator[Story]:
     task_queue = f"prop-{uuid.uuid4()}"
-    s = Story(env, ScriptedWorld(), spec_for(variant), task_queue, SessionClient(env.client, Settings(media_task_queue=""), task_queue=task_queue))
+    settings = Settings(media_task_queue="")  # no room monitor activity: it would stop the time-skipping clock
+    s = Story(env, ScriptedWorld(), spec_for(variant), task_queue, SessionClient(env.client, settings, task_queue=task_queue))
     s.start_worker()
     try:
         yield s
