@@ -4,10 +4,16 @@ from webhooks alone (no media worker); the late webhooks that arrive once the ga
 
 from __future__ import annotations
 
+import asyncio
+import os
+import signal
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 import pytest
@@ -16,7 +22,7 @@ from temporalio.client import Client
 
 from config.settings import Settings
 from sandbox.media import SyntheticMedia, join_room
-from sandbox.stack import LocalStack
+from sandbox.stack import REPO_ROOT, LocalStack
 from starters.client import SessionClient
 from starters.timeline import timeline
 from tests.support.polling import eventually
@@ -120,9 +126,7 @@ async def test_the_monitor_alone_reflects_a_participant_within_2_s_and_late_webh
     assert after.status is SessionStatus.DEGRADED
     print(f"monitor alone, seconds to state: {took}")
     await monitored.end(spec_id, "done")
-    history = await monitored.handle(spec_id).fetch_history()
-    joins = [m.text for m in timeline(history, monitored.client.data_converter) if "participant_joined" in m.text]
-    assert joins, "the monitor's join is in the timeline"
+    assert await _participant_lines(monitored, spec_id) == ["participant_joined, cand", "participant_left, cand"]
 
 
 async def test_webhooks_alone_reflect_a_participant_within_2_s(unmonitored: SessionClient, livekit: api.LiveKitAPI) -> None:
@@ -131,6 +135,65 @@ async def test_webhooks_alone_reflect_a_participant_within_2_s(unmonitored: Sess
     assert state.tracks == {} and state.present == []
     print(f"webhooks alone, seconds to state: {took}")
     await unmonitored.end(spec_id, "done")
+    assert await _participant_lines(unmonitored, spec_id) == ["participant_joined, cand", "participant_left, cand"]
+
+
+async def _participant_lines(sessions: SessionClient, session_id: str) -> list[str]:
+    """The joins and leaves in the session's timeline (each happening once, whichever source told it)."""
+    history = await sessions.handle(session_id).fetch_history()
+    lines = [m.text for m in timeline(history, sessions.client.data_converter)]
+    return [line.split("(", 1)[1].split(")")[0] for line in lines if "participant_" in line]
+
+
+@contextmanager
+def media_worker(task_queue: str, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """`python -m workers --media` on `task_queue`, as deployed (its own process, which a test may kill -9)."""
+    env = os.environ | {"SESSIONFLOW_MEDIA_TASK_QUEUE": task_queue, "SESSIONFLOW_LOG_FORMAT": "json"}
+    with log.open("ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "workers", "--media"], env=env, stdout=out, stderr=out, cwd=REPO_ROOT)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+
+
+async def test_a_killed_media_worker_is_replaced_and_the_new_monitor_catches_up_without_doubles(
+    temporal: Client, stack: Settings, livekit: api.LiveKitAPI, tmp_path: Path
+) -> None:
+    settings = stack.model_copy(update={"media_task_queue": f"media-{uuid.uuid4().hex[:10]}"})
+    task_queue = f"it-{uuid.uuid4().hex[:10]}"
+    sessions = SessionClient(temporal, settings, task_queue=task_queue)
+    spec = interview(avatar=None)
+    async with build_worker(temporal, settings, task_queue=task_queue):
+        with media_worker(settings.media_task_queue, tmp_path / "media-1.log") as first, gateway_paused():
+            cand = await sessions.join(spec, "cand")
+            watcher = await sessions.join_running(spec.session_id, "watcher")
+            in_room = lambda: _monitor_in(livekit, spec.room_name, spec.session_id)  # noqa: E731
+            await eventually(in_room, what="the first monitor in the room", timeout=30)
+            async with join_room(cand.url, cand.token, publish_media=True):
+                await eventually(lambda: _state_has(sessions, spec.session_id, ["cand"]), what="cand present", timeout=5)
+                await asyncio.sleep(1.5)  # the snapshot that says so is heartbeated (throttled to 1 s)
+                first.send_signal(signal.SIGKILL)
+                first.wait(10)
+                # While no monitor runs: cand leaves and the watcher comes in. Nobody tells the session yet.
+            async with join_room(watcher.url, watcher.token, publish_media=False):
+                with media_worker(settings.media_task_queue, tmp_path / "media-2.log"):
+                    state = await eventually(
+                        lambda: _state_has(sessions, spec.session_id, ["watcher"]),
+                        what="the new monitor to catch up (watcher in, cand gone)", timeout=30,
+                    )
+                    assert state.reconnecting == ["cand"]
+                    await sessions.end(spec.session_id, "done")
+    assert await _participant_lines(sessions, spec.session_id) == [
+        "participant_joined, cand", "participant_left, cand", "participant_joined, watcher",
+    ]
+
+
+async def _state_has(sessions: SessionClient, session_id: str, present: list[str]) -> SessionState | None:
+    state = await sessions.state(session_id)
+    return state if state.present == present else None
 
 
 async def _gateway_answers(s: Settings) -> bool:
