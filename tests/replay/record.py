@@ -25,8 +25,9 @@ from workflows.search_attributes import SEARCH_ATTRIBUTES
 
 # The generation of the workflow these histories come from: v1 are the three files without a version in
 # their name (recorded from the integration tests before the decision core moved into the machine); v2 the
-# decision core; v3 the join's token minted by a local activity (`workflow.patched("local-token")`).
-CORPUS_VERSION = "v3"
+# decision core; v3 the join's token minted by a local activity (`workflow.patched("local-token")`); v4 the room
+# monitor (`workflow.patched("room-monitor")`).
+CORPUS_VERSION = "v4"
 HISTORIES = Path(__file__).parent / "histories"
 
 

@@ -36,6 +36,8 @@ EXPECTED = {
     )),
     # The join's token minted by a local activity (workflow.patched("local-token")).
     *(f"{name}.v3" for name in ("interview_happy_path", "coaching_happy_path", "livekit_down")),
+    # The room monitor (workflow.patched("room-monitor")): its reports, a lost room, a frozen avatar.
+    *(f"{name}.v4" for name in ("monitor_quality_and_tracks", "monitor_room_lost", "monitor_avatar_frozen")),
 }
 
 
