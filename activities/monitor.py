@@ -44,6 +44,7 @@ STATS_EVERY_S = 5.0  # RTC stats (RTT, jitter, loss) are sampled this often, nev
 ROOM_POLL_S = 1.0  # while the room is missing or LiveKit is down
 TOKEN_TTL = timedelta(minutes=15)  # LiveKit refreshes a connected participant's token; a reconnect mints anew
 MONITOR_PREFIX = "monitor-"
+ROOM_GONE = -1  # `_follow`'s answer when the room was found missing while our connection was being resumed
 
 _LEVELS: dict[int, ConnectionLevel] = {
     rtc.ConnectionQuality.QUALITY_EXCELLENT: ConnectionLevel.EXCELLENT,
@@ -97,6 +98,9 @@ class RoomMonitor:
         self._frames: dict[str, float] = {}  # avatar video track sid -> when its last frame came
         self._watchers: list[asyncio.Task[None]] = []
         self._stats_at = 0.0
+        self._ticked = 0.0
+        self._reconnecting = False  # our own connection is being resumed: is the room still there?
+        self._probed = 0.0
 
     # ---- the loop: join, follow, and after a disconnect find out whether the room is gone ----------------
 
@@ -178,23 +182,27 @@ class RoomMonitor:
         room.on("track_unpublished", lambda pub, p: put(("unpublished", (pub, p))))
         room.on("track_subscribed", lambda track, pub, p: put(("subscribed", (track, pub, p))))
         room.on("connection_quality_changed", lambda p, q: put(("quality", (p, q))))
+        room.on("reconnecting", lambda: put(("reconnecting", None)))
         room.on("reconnected", lambda: put(("reconnected", room)))
         room.on("disconnected", lambda reason: put(("disconnected", reason)))
 
     async def _follow(self, room: rtc.Room) -> int:
-        """Tell the session what changed since the snapshot, then every change, until the room drops us.
-        Returns the disconnect reason."""
+        """Tell the session what changed since the snapshot, then every change, until the room drops us or is
+        found gone while our connection is being resumed. Returns the disconnect reason (ROOM_GONE for that)."""
+        self._reconnecting = False
         await self._reconcile(room)
         while True:
-            try:
+            what: str | None = None
+            item: Any = None
+            with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(TICK_S):
                     what, item = await self._events.get()
-            except TimeoutError:
-                await self._tick(room)
-                continue
             if what == "disconnected":
                 return int(item)
-            await self._on(what, item, room)
+            if what is not None:
+                await self._on(what, item, room)
+            if time.monotonic() - self._ticked >= TICK_S and await self._tick(room):
+                return ROOM_GONE
 
     # ---- what the session is told ------------------------------------------------------------------------
 
@@ -241,7 +249,10 @@ class RoomMonitor:
             case "quality":
                 participant, quality = item
                 self._quality(participant, quality)
+            case "reconnecting":
+                self._reconnecting = True
             case "reconnected":
+                self._reconnecting = False
                 await self._reconcile(room)
 
     async def _joined(self, participant: rtc.RemoteParticipant) -> None:
@@ -293,8 +304,14 @@ class RoomMonitor:
         elif self._pending.get(participant.identity, (None, 0.0))[0] != level:
             self._pending[participant.identity] = (level, time.monotonic())
 
-    async def _tick(self, room: rtc.Room) -> None:
-        now = time.monotonic()
+    async def _tick(self, room: rtc.Room) -> bool:
+        """Debounce windows, frozen video, stats and the heartbeat. True if the room was found gone."""
+        now = self._ticked = time.monotonic()
+        if self._reconnecting and now - self._probed >= ROOM_POLL_S:
+            # LiveKit restarted? Its rooms vanish with it: ask, rather than wait out the SDK's reconnect attempts.
+            self._probed = now
+            if await self._room_exists() is False:
+                return True
         if now - self._stats_at >= STATS_EVERY_S:
             self._stats_at = now
             await self._sample_stats(room)
@@ -308,6 +325,7 @@ class RoomMonitor:
                              quality=level, detail=self._describe_link(peer))
         await self._check_frames(now)
         self._beat()
+        return False
 
     def _watch_frames(self, track: rtc.Track, track_sid: str) -> None:
         self._frames[track_sid] = time.monotonic()
