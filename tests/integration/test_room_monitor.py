@@ -20,7 +20,7 @@ import pytest
 from livekit import api
 from temporalio.client import Client
 
-from config.settings import Settings
+from config.settings import DEFAULT_AVATAR_ID, Settings
 from sandbox.media import SyntheticMedia, join_room
 from sandbox.stack import REPO_ROOT, LocalStack
 from starters.client import SessionClient
@@ -202,3 +202,33 @@ async def _gateway_answers(s: Settings) -> bool:
             return (await http.get(f"http://{s.gateway_host}:{s.gateway_port}/healthz")).status_code == 200
         except httpx.HTTPError:
             return False
+
+
+async def test_a_frozen_avatar_is_seen_by_the_monitor_and_replaced(monitored: SessionClient, stack: Settings) -> None:
+    spec = interview(
+        avatar={"avatar_id": DEFAULT_AVATAR_ID, "replace_backoff": "PT1S"}, quality={"avatar_frozen_after": "PT3S"}
+    )
+    grant = await monitored.join(spec, "cand")
+    async with join_room(grant.url, grant.token, publish_media=True):
+        first = await eventually(
+            lambda: _state_where(monitored, spec.session_id, lambda s: s.avatar_present and "avatar" in str(s.tracks)),
+            what="the avatar in the room with its video, seen by the monitor", timeout=45,
+        )
+        async with httpx.AsyncClient(base_url=stack.liveavatar_api_url, timeout=5) as http:
+            response = await http.post(f"/_control/sessions/{first.avatar_session_id}/freeze")
+            response.raise_for_status()
+        replaced = await eventually(
+            lambda: _state_where(
+                monitored, spec.session_id,
+                lambda s: s.avatar_present and s.avatar_session_id != first.avatar_session_id,
+            ),
+            what="a replacement avatar in the room", timeout=45,
+        )
+        assert replaced.avatar_billing[0].end_reason is not None and "froze" in replaced.avatar_billing[0].end_reason
+        assert any("replacement 1 after: the avatar's video froze" in r for r in replaced.recoveries)
+        await monitored.end(spec.session_id, "done")
+
+
+async def _state_where(sessions: SessionClient, session_id: str, ok: Callable[[SessionState], bool]) -> SessionState | None:
+    state = await sessions.state(session_id)
+    return state if ok(state) else None
