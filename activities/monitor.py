@@ -278,10 +278,12 @@ class RoomMonitor:
 
     async def _unpublished(self, identity: str, track_sid: str) -> None:
         peer = self.snapshot.peers.get(identity)
-        if peer is None or peer.tracks.pop(track_sid, None) is None:
+        kind = peer.tracks.pop(track_sid, None) if peer is not None else None
+        if kind is None:
             return
         self._frames.pop(track_sid, None)
-        await self._emit(RoomEventKind.TRACK_UNPUBLISHED, identity, f"unpublished:{track_sid}", track_sid=track_sid)
+        await self._emit(RoomEventKind.TRACK_UNPUBLISHED, identity, f"unpublished:{track_sid}", track_sid=track_sid,
+                         track_kind=kind)
 
     def _wanted(self, identity: str, publication: rtc.RemoteTrackPublication) -> bool:
         """Subscribe only to what is watched: the avatar's video (frames) and each person's audio (LiveKit sends

@@ -134,6 +134,8 @@ def _happening(event: dict[str, object]) -> tuple[str, ...]:
     kind, identity, sid = str(event.get("kind")), str(event.get("identity")), event.get("sid")
     if kind in ("participant_joined", "participant_left") and sid:
         return (kind, identity, str(sid))
+    if kind == "room_finished":
+        return (kind,)  # a room finishes once
     return ("id", str(event.get("event_id")))
 
 
