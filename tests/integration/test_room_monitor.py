@@ -232,3 +232,68 @@ async def test_a_frozen_avatar_is_seen_by_the_monitor_and_replaced(monitored: Se
 async def _state_where(sessions: SessionClient, session_id: str, ok: Callable[[SessionState], bool]) -> SessionState | None:
     state = await sessions.state(session_id)
     return state if ok(state) else None
+
+
+# ---- an impaired link: the participant in a network namespace of its own, its loopback shaped with tbf -------
+
+
+@contextmanager
+def own_namespace(stack: Settings, tmp: Path) -> Iterator[int]:
+    """A relay in a network namespace of its own (tests/support/netns_relay.py); yields its pid."""
+    running = LocalStack.attach()
+    assert running is not None, "run under `python -m sandbox exec` (make test)"
+    ready = tmp / "relay.pid"
+    port = int(stack.livekit_url.rsplit(":", 1)[1])
+    with (tmp / "relay.log").open("wb") as log:
+        relay = subprocess.Popen(
+            [sys.executable, "-m", "tests.support.netns_relay", "--tcp-port", str(port),
+             "--udp-port", str(running.ports.livekit_rtc_udp), "--ready-file", str(ready)],
+            cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 10
+        while not ready.exists():
+            assert relay.poll() is None and time.monotonic() < deadline, (tmp / "relay.log").read_text()
+            time.sleep(0.05)
+        yield relay.pid
+    finally:
+        relay.kill()
+        relay.wait(10)
+
+
+def shape(pid: int, *args: str) -> None:
+    subprocess.run(["nsenter", f"--net=/proc/{pid}/ns/net", "tc", "qdisc", *args], check=True)
+
+
+async def test_an_impaired_link_degrades_the_session_naming_who_and_lifting_it_clears(
+    monitored: SessionClient, stack: Settings, tmp_path: Path
+) -> None:
+    spec = interview(avatar=None, quality={"sustain": "PT2S"})
+    grant = await monitored.join(spec, "cand")
+    with own_namespace(stack, tmp_path) as relay, (tmp_path / "participant.log").open("wb") as log:
+        participant = subprocess.Popen(
+            ["nsenter", f"--net=/proc/{relay}/ns/net", sys.executable, "-m", "tests.support.netns_participant",
+             grant.url, grant.token], cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
+        )
+        try:
+            good = await eventually(
+                lambda: _state_where(monitored, spec.session_id, lambda s: s.quality.get("cand") in ("excellent", "good")),
+                what="cand in the room with a good connection", timeout=60,
+            )
+            assert good.status is SessionStatus.LIVE
+            shape(relay, "add", "dev", "lo", "root", "tbf", "rate", "48kbit", "burst", "1600", "latency", "40ms")
+            degraded = await eventually(
+                lambda: _state_where(monitored, spec.session_id, lambda s: s.status is SessionStatus.DEGRADED),
+                what="the session degraded by cand's link", timeout=60,
+            )
+            assert [d.identity for d in degraded.degraded] == ["cand"], degraded.degraded
+            print(f"impaired: {degraded.degraded}")
+            shape(relay, "del", "dev", "lo", "root")
+            await eventually(
+                lambda: _state_where(monitored, spec.session_id, lambda s: s.status is SessionStatus.LIVE and not s.degraded),
+                what="the degradation cleared once the link is whole again", timeout=60,
+            )
+        finally:
+            participant.terminate()
+            participant.wait(15)
+    await monitored.end(spec.session_id, "done")
