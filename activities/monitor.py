@@ -99,6 +99,7 @@ class RoomMonitor:
         self._watchers: list[asyncio.Task[None]] = []
         self._stats_at = 0.0
         self._ticked = 0.0
+        self._counters: dict[str, tuple[int, int]] = {}  # identity -> packets received, lost (last stats sample)
         self._reconnecting = False  # our own connection is being resumed: is the room still there?
         self._probed = 0.0
 
@@ -357,23 +358,30 @@ class RoomMonitor:
                 self.snapshot.frozen_reported.remove(track_sid)
 
     async def _sample_stats(self, room: rtc.Room) -> None:
-        """RTT of the monitor's link, and per watched track jitter and loss (where the SDK reports them)."""
+        """RTT of the monitor's link, and per watched participant the jitter and loss of the track we receive."""
         try:
             stats = await room.get_rtc_stats()
         except Exception:
             return  # not connected right now: the next sample will do
-        tracks = {t: p for p in self.snapshot.peers.values() for t in p.tracks}
-        for s in stats.subscriber_stats:
-            match s.WhichOneof("stats"):
-                case "candidate_pair" if s.candidate_pair.candidate_pair.current_round_trip_time:
-                    self.snapshot.rtt_ms = round(s.candidate_pair.candidate_pair.current_round_trip_time * 1000, 1)
-                case "inbound_rtp":
-                    received = s.inbound_rtp.received
-                    peer = tracks.get(s.inbound_rtp.inbound.track_identifier)
-                    if peer is not None:
-                        total = received.packets_received + received.packets_lost
+        for s in [*stats.publisher_stats, *stats.subscriber_stats]:  # one peer connection: all in the first
+            pair = s.candidate_pair.candidate_pair if s.WhichOneof("stats") == "candidate_pair" else None
+            if pair is not None and pair.nominated and pair.responses_received:
+                self.snapshot.rtt_ms = round(1000 * pair.total_round_trip_time / pair.responses_received, 1)
+        for participant in room.remote_participants.values():
+            peer = self.snapshot.peers.get(participant.identity)
+            track = next((p.track for p in participant.track_publications.values() if p.subscribed and p.track), None)
+            if peer is None or track is None:
+                continue
+            with contextlib.suppress(Exception):
+                for s in await track.get_stats():
+                    if s.WhichOneof("stats") == "inbound_rtp":
+                        received = s.inbound_rtp.received
+                        got, lost = received.packets_received, received.packets_lost
+                        got_before, lost_before = self._counters.get(participant.identity, (0, 0))
+                        self._counters[participant.identity] = (got, lost)
+                        total = (got - got_before) + (lost - lost_before)  # since the last sample
                         peer.jitter_ms = round(received.jitter * 1000, 1)
-                        peer.loss_pct = round(100 * received.packets_lost / total, 2) if total else None
+                        peer.loss_pct = round(100 * (lost - lost_before) / total, 2) if total > 0 else None
 
     def _describe_link(self, peer: Peer) -> str | None:
         parts = [
