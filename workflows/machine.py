@@ -36,8 +36,10 @@ from workflows.models import (
     CreateRoomInput,
     Degradation,
     EndReason,
+    Handoff,
     MintTokenInput,
     MonitorInput,
+    ParticipantHandoff,
     SessionOutcome,
     SessionSpec,
     SessionState,
@@ -514,6 +516,43 @@ class RoomWatch:
         return bool(self.degraded) or self.lost_at is not None
 
 
+@dataclass
+class HandoffClock:
+    """The times behind the session's connection metrics (`Handoff`)."""
+
+    granted_at: dict[str, datetime] = field(default_factory=dict)  # grant issued, not in the room yet
+    connect_s: dict[str, float] = field(default_factory=dict)
+    reconnects: dict[str, int] = field(default_factory=dict)
+    level: dict[str, tuple[ConnectionLevel, datetime]] = field(default_factory=dict)  # current level, since
+    level_s: dict[str, dict[ConnectionLevel, float]] = field(default_factory=dict)
+    avatar_asked: dict[str, datetime] = field(default_factory=dict)  # avatar identity -> create asked for
+    avatar_join_s: list[float] = field(default_factory=list)
+    room_recovery_s: list[float] = field(default_factory=list)
+    last_now: datetime | None = None
+
+    def add_level_time(self, identity: str, until: datetime) -> None:
+        if identity in self.level:
+            level, since = self.level[identity]
+            spent = self.level_s.setdefault(identity, {})
+            spent[level] = spent.get(level, 0.0) + max((until - since).total_seconds(), 0.0)
+            self.level[identity] = (level, until)
+
+    def report(self, now: datetime | None) -> Handoff:
+        people = set(self.connect_s) | set(self.reconnects) | set(self.level_s) | set(self.level)
+        participants = {}
+        for who in sorted(people):
+            spent = dict(self.level_s.get(who, {}))
+            if who in self.level and now is not None:
+                level, since = self.level[who]
+                spent[level] = spent.get(level, 0.0) + max((now - since).total_seconds(), 0.0)
+            participants[who] = ParticipantHandoff(
+                connect_s=self.connect_s.get(who), reconnects=self.reconnects.get(who, 0),
+                quality_s={k: round(v, 1) for k, v in spent.items()},
+            )
+        return Handoff(participants=participants, avatar_join_s=list(self.avatar_join_s),
+                       room_recovery_s=list(self.room_recovery_s))
+
+
 @dataclass(frozen=True)
 class Ending:
     reason: EndReason
@@ -540,6 +579,7 @@ class SessionMachine:
         self.recoveries: list[str] = []
         self._seen: deque[str] = deque(maxlen=SEEN_EVENT_IDS)
         self.room_watch = RoomWatch()
+        self.clock = HandoffClock()
 
     # -- reading -------------------------------------------------------------------------------------------
 
@@ -662,9 +702,12 @@ class SessionMachine:
             departure_timeout_s=int((spec.reconnect_grace + DEPARTURE_MARGIN).total_seconds()),
         )
 
-    def admit(self, identity: str) -> MintTokenInput:
-        """Admit `identity` (raises a typed refusal) and say which token to mint for them."""
+    def admit(self, identity: str, now: datetime | None = None) -> MintTokenInput:
+        """Admit `identity` (raises a typed refusal) and say which token to mint for them. `now` starts their
+        connection clock (grant issued, to in the room)."""
         self.check_join(identity)
+        if now is not None and identity not in self.people.present:
+            self.clock.granted_at.setdefault(identity, now)
         participant = self.spec.participant(identity)
         assert participant is not None
         self.people.admitted.add(identity)
@@ -679,6 +722,7 @@ class SessionMachine:
     def handle(self, event: Event, now: datetime) -> list[Command]:
         """Apply one event; return the commands it calls for (a status upsert first when the status moved)."""
         before = self.status
+        self.clock.last_now = now
         commands = self._dispatch(event, now)
         commands += self._maybe_close(now)
         if self.status is not before:
@@ -702,7 +746,7 @@ class SessionMachine:
             case ParticipantLeft(identity, event_id, sid, at):
                 if self._seen_before(event_id) or self._stale(identity, sid, at, joined=False):
                     return []
-                self._forget_connection(identity)
+                self._forget_connection(identity, now)
                 return self._on_left(identity, now)
             case RoomClosed(event_id):
                 if self._seen_before(event_id) or self.ending:
@@ -809,6 +853,7 @@ class SessionMachine:
         return identity.startswith(avatar_identity_prefix(self.spec.session_id))
 
     def _on_joined(self, identity: str, now: datetime) -> list[Command]:
+        self._clock_joined(identity, now)
         if self._is_avatar(identity):
             if identity == self.avatar_identity and not self.ending:
                 self.avatar.present = True
@@ -895,6 +940,7 @@ class SessionMachine:
         assert self.spec.avatar is not None and not self.avatar.start_in_flight
         self.avatar.starts += 1
         identity = avatar_identity_for(self.spec.session_id, self.avatar.starts)
+        self.clock.avatar_asked[identity] = now
         self.avatar.creating = identity
         return [
             CreateAvatarSession(
@@ -1101,7 +1147,10 @@ class SessionMachine:
             watch.heard[identity] = Heard(at, sid, joined)
         return False
 
-    def _forget_connection(self, identity: str) -> None:
+    def _forget_connection(self, identity: str, now: datetime) -> None:
+        """They left: their connection's tracks, quality and degradation go with it (its quality time is kept)."""
+        self.clock.add_level_time(identity, now)
+        self.clock.level.pop(identity, None)
         watch = self.room_watch
         watch.tracks.pop(identity, None)
         watch.quality.pop(identity, None)
@@ -1136,6 +1185,22 @@ class SessionMachine:
                 return self._on_presence(set(identities), at, now)
         raise UnexpectedEvent(f"not a monitor event: {event!r}")
 
+    def _clock_joined(self, identity: str, now: datetime) -> None:
+        """Connection metrics: a person's first grant to the room; a reconnect; an avatar asked for to the room."""
+        clock = self.clock
+        if self._is_avatar(identity):
+            asked = clock.avatar_asked.pop(identity, None)
+            if asked is not None:
+                clock.avatar_join_s.append(round((now - asked).total_seconds(), 3))
+            return
+        if self.spec.participant(identity) is None or identity in self.people.present:
+            return
+        granted = clock.granted_at.pop(identity, None)
+        if granted is not None and identity not in clock.connect_s:
+            clock.connect_s[identity] = round((now - granted).total_seconds(), 3)
+        if identity in self.people.reconnect_by:
+            clock.reconnects[identity] = clock.reconnects.get(identity, 0) + 1
+
     def _is_ours(self, identity: str) -> bool:
         return self.spec.participant(identity) is not None or self._is_avatar(identity)
 
@@ -1145,6 +1210,8 @@ class SessionMachine:
         if self.ending or self.spec.participant(identity) is None or quality is ConnectionLevel.UNKNOWN:
             return []
         watch.quality[identity] = quality
+        self.clock.add_level_time(identity, now)
+        self.clock.level[identity] = (quality, now)
         if quality in self.spec.quality_policy.degrade_on and identity in self.people.present:
             if identity not in watch.degraded or watch.degraded[identity].quality is not quality:
                 watch.degraded[identity] = Degradation(identity=identity, quality=quality, since=now, detail=detail)
@@ -1164,7 +1231,7 @@ class SessionMachine:
         self.recoveries.append(f"room lost at {now:%H:%M:%S} UTC ({detail}): re-creating it")
         for identity in sorted(people.present):
             people.reconnect_by[identity] = now + self.spec.reconnect_grace
-            self._forget_connection(identity)
+            self._forget_connection(identity, now)
         people.present.clear()
         commands: list[Command] = []
         current = self.avatar.current
@@ -1183,6 +1250,7 @@ class SessionMachine:
         if room.delete_wanted or self.ending:
             return self._delete_room()
         self.recoveries.append(f"room re-created {took:.1f} s after it was lost")
+        self.clock.room_recovery_s.append(round(took, 3))
         commands: list[Command] = []
         if watch.avatar_after_room and not self.avatar.start_in_flight and not self.avatar.fallback:
             watch.avatar_after_room = False
@@ -1197,7 +1265,7 @@ class SessionMachine:
         commands: list[Command] = []
         for identity in sorted(self.people.present - identities):
             if not self._stale(identity, None, at, joined=False):
-                self._forget_connection(identity)
+                self._forget_connection(identity, now)
                 commands += self._on_left(identity, now)
         for identity in sorted(identities - self.people.present):
             if self.spec.participant(identity) is not None and not self._stale(identity, None, at, joined=True):
@@ -1310,6 +1378,7 @@ class SessionMachine:
             quality=dict(sorted(self.room_watch.quality.items())),
             tracks={who: sorted(t.values()) for who, t in sorted(self.room_watch.tracks.items()) if t},
             monitored=self.room_watch.running,
+            handoff=self.clock.report(self.clock.last_now),
         )
 
     def outcome(self) -> SessionOutcome:
@@ -1328,6 +1397,7 @@ class SessionMachine:
             recoveries=list(self.recoveries),
             participants_joined=list(self.people.joined),
             avatar_billing=self.avatar_billing(),
+            handoff=self.clock.report(self.ending.decided_at),
         )
 
 

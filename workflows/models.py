@@ -351,6 +351,26 @@ class Degradation(BaseModel):
     detail: str | None = None
 
 
+class ParticipantHandoff(BaseModel):
+    """How one participant's connection went (what a hand-off to support or a backend needs)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    connect_s: float | None = None  # their first grant issued, to them in the room
+    reconnects: int = 0
+    quality_s: dict[ConnectionLevel, float] = Field(default_factory=dict)  # seconds at each sustained level
+
+
+class Handoff(BaseModel):
+    """The session's connection metrics."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    participants: dict[str, ParticipantHandoff] = Field(default_factory=dict)
+    avatar_join_s: list[float] = Field(default_factory=list)  # each avatar session: asked for, to in the room
+    room_recovery_s: list[float] = Field(default_factory=list)  # each lost room: lost, to re-created
+
+
 class SessionState(BaseModel):
     """The `state` query: what support sees when they ask "what is this session doing?"."""
 
@@ -380,6 +400,7 @@ class SessionState(BaseModel):
     quality: dict[str, ConnectionLevel] = Field(default_factory=dict)  # last sustained level per participant
     tracks: dict[str, list[str]] = Field(default_factory=dict)  # published track kinds per participant
     monitored: bool = False  # a room monitor is running for this session
+    handoff: Handoff = Field(default_factory=Handoff)
 
 
 class SessionOutcome(BaseModel):
@@ -402,3 +423,4 @@ class SessionOutcome(BaseModel):
     participants_joined: list[str]
     # One row per avatar session. A default, so outcomes recorded before it existed (memos, results) still parse.
     avatar_billing: list[AvatarBilling] = Field(default_factory=list)
+    handoff: Handoff = Field(default_factory=Handoff)  # connection metrics (default: outcomes recorded before)

@@ -383,7 +383,7 @@ class SessionWorkflow:
     async def join(self, request: JoinRequest) -> JoinGrant:
         """Admit a participant of the roster and hand back their grant, once the room exists."""
         await workflow.wait_condition(lambda: self._machine.join_decidable)
-        token_request = self._ask(lambda: self._machine.admit(request.identity))
+        token_request = self._ask(lambda: self._machine.admit(request.identity, workflow.now()))
         summary = f"token for {request.identity} ({token_request.role})"
         if workflow.patched(PATCH_LOCAL_TOKEN):
             # Signing a token is a few milliseconds of local work: as a local activity it runs inside this workflow

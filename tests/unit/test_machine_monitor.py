@@ -239,3 +239,27 @@ def test_any_order_with_duplicates_from_either_source_ends_in_the_same_presence(
         m.handle(event, at(5))
     assert m.people.present == {"alice"}
     assert set(m.people.reconnect_by) <= {"bob"}
+
+
+def test_handoff_metrics_say_how_connections_went():
+    m = monitored(make_spec(reconnect_grace=timedelta(minutes=5)))
+    m.admit("alice", at(1))
+    m.handle(ParticipantJoined("alice"), at(1) + timedelta(seconds=2))
+    commands = m.handle(TimerFired(), at(1.1))  # nothing due: the avatar was asked for at the join
+    assert commands == []
+    m.handle(ParticipantJoined(AVATAR_IDENTITY), at(1) + timedelta(seconds=5))
+    m.handle(QualityChanged("alice", ConnectionLevel.EXCELLENT, None, "q1"), at(2))
+    m.handle(QualityChanged("alice", ConnectionLevel.POOR, None, "q2"), at(3))
+    m.handle(ParticipantLeft("alice"), at(4))
+    m.admit("alice", at(4.5))
+    m.handle(ParticipantJoined("alice"), at(5))
+    m.handle(RoomLost("gone", "l1"), at(6))
+    m.handle(RoomCreated(), at(6.05))
+    state = m.state().handoff
+    alice = state.participants["alice"]
+    assert alice.connect_s == 2.0 and alice.reconnects == 1
+    assert alice.quality_s == {ConnectionLevel.EXCELLENT: 60.0, ConnectionLevel.POOR: 60.0}
+    assert state.avatar_join_s == [3.0]  # asked for at alice's join (1 min + 2 s), in the room 3 s later
+    assert state.room_recovery_s == [3.0]
+    m.handle(EndRequested("done"), at(7))
+    assert m.state().handoff.participants["alice"].quality_s[ConnectionLevel.POOR] == 60.0
