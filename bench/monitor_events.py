@@ -2,8 +2,8 @@
 
     python -m sandbox exec -- python -m bench.monitor_events [--sessions 10,50] [--events 30] [--hold 20]
 
-- **event latency**: a real participant connecting or leaving, until the session's `state` says so (polled every
-  20 ms), p50/p99 over `--events` joins and as many leaves, once from the monitor alone (the stack's gateway paused:
+- **event latency**: a real participant (publishing audio) connecting or leaving, from the start of its connect
+  (or its leave) until the session's `state` says so (polled every 20 ms), p50/p99 over `--events` joins and as many leaves, once from the monitor alone (the stack's gateway paused:
   no webhook) and once from the webhooks alone (no media worker for those sessions).
 - **history**: the events of a session that ran `--hold` seconds with one participant in, monitor on; the
   monitor heartbeats (not history) and signals only changes, so a steady hour adds nothing: the figure is per
@@ -77,14 +77,15 @@ async def latency(sessions: SessionClient, events: int) -> dict[str, float]:
     leaves: list[float] = []
     try:
         for _ in range(events):
-            async with join_room(grant.url, grant.token, publish_media=False) as room:
-                started = time.monotonic()
-                await until(sessions, s.session_id, ["cand"])
-                joins.append(time.monotonic() - started)
-                await room.disconnect()
-                started = time.monotonic()
-                await until(sessions, s.session_id, [])
-                leaves.append(time.monotonic() - started)
+            stack = contextlib.AsyncExitStack()
+            started = time.monotonic()
+            await stack.enter_async_context(audio_participant(grant.url, grant.token))  # connected and publishing
+            await until(sessions, s.session_id, ["cand"])
+            joins.append(time.monotonic() - started)
+            started = time.monotonic()
+            await stack.aclose()  # left the room
+            await until(sessions, s.session_id, [])
+            leaves.append(time.monotonic() - started)
     finally:
         await sessions.end(s.session_id, "bench over")
     return {
