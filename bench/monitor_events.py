@@ -3,8 +3,9 @@
     python -m sandbox exec -- python -m bench.monitor_events [--sessions 10,50] [--events 30] [--hold 20]
 
 - **event latency**: a real participant (publishing audio) connecting or leaving, from the start of its connect
-  (or its leave) until the session's `state` says so (polled every 20 ms), p50/p99 over `--events` joins and as many leaves, once from the monitor alone (the stack's gateway paused:
-  no webhook) and once from the webhooks alone (no media worker for those sessions).
+  (or its leave) until the session's `state` says so (polled every 20 ms), p50/p99 over `--events` joins and as
+  many leaves, once from the monitor alone (the stack's gateway paused: no webhook) and once from the webhooks
+  alone (no media worker for those sessions).
 - **history**: the events of a session that ran `--hold` seconds with one participant in, monitor on; the
   monitor heartbeats (not history) and signals only changes, so a steady hour adds nothing: the figure is per
   session, whatever its length, plus one signal per change.
