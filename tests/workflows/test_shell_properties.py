@@ -199,12 +199,16 @@ async def story(env: WorkflowEnvironment, variant: str) -> AsyncIterator[Story]:
 async def step(s: Story, name: str, data: st.DataObject) -> None:
     assert s.handle is not None
     identity = data.draw(st.sampled_from(["cand", "coach"]), label="identity")
+    # Everything this step draws is drawn before anything that depends on timing (whether the session is still
+    # there, what the world holds): the story's shape must depend on the draws alone.
+    drawn = draw_for(name, data)
+    pause = data.draw(st.sampled_from([0, 0, 0.05]), label="pause")
     if s.terminated:
-        return  # nothing reaches a terminated session; keep drawing the same way, so the story's shape is stable
+        return  # nothing reaches a terminated session
     match name:
         case "answer":
             # Indexes, not the calls themselves: what is waiting depends on timing, the draws must not.
-            which, how = data.draw(st.integers(0, 7), label="call"), data.draw(st.integers(0, 11), label="outcome")
+            which, how = drawn
             calls = s.world.answerable()
             if calls:
                 call = calls[which % len(calls)]
@@ -217,16 +221,16 @@ async def step(s: Story, name: str, data: st.DataObject) -> None:
         case "left":
             await s.signal(RoomEventKind.PARTICIPANT_LEFT, identity)
         case "avatar_left":
-            n = data.draw(st.integers(1, 3), label="avatar")
+            [n] = drawn
             await s.signal(RoomEventKind.PARTICIPANT_LEFT, f"avatar-{s.spec.session_id}-{n}")
         case "room_finished":
             await s.signal(RoomEventKind.ROOM_FINISHED, None)
         case "duplicate":
-            which = data.draw(st.integers(0, 31), label="again")
+            [which] = drawn
             if s.events:
                 await s.send(s.events[which % len(s.events)])
         case "extend":
-            minutes = data.draw(st.integers(1, 120), label="minutes")
+            [minutes] = drawn
             s.ask(f"extend {minutes} min", s.sessions.extend(s.spec.session_id, timedelta(minutes=minutes)))
         case "restart_worker":
             await s.stop_worker()
@@ -238,22 +242,61 @@ async def step(s: Story, name: str, data: st.DataObject) -> None:
         case "terminate":
             s.terminated = await s.unless_closed(s.handle.terminate("an operator steps in"))
         case "monitor":
-            await monitor_report(s, identity, data)
+            await monitor_report(s, identity, *drawn)
         case "room_lost":
-            # LiveKit restarted: the monitor reports the room gone, and LiveKit no longer has it.
+            # LiveKit restarted: it no longer has the room, and the monitor reports it gone. The real monitor runs
+            # only once the session knows its room is live, and reports a loss whenever it finds the room missing;
+            # the stub's report is a step of its own, so LiveKit loses the room here only when the session would
+            # hear of it: its room live, and not already being re-created.
+            live = await room_known_live(s)
             await s.send(RoomEvent(event_id=f"mon-{uuid.uuid4().hex[:8]}", kind=RoomEventKind.ROOM_LOST,
                                    source=RoomEventSource.MONITOR, detail="the room is missing"))
-            if s.spec.room_name in s.world.rooms:
+            if live and s.spec.room_name in s.world.rooms:
                 s.world.rooms.discard(s.spec.room_name)
                 s.rooms_lost += 1
-    await asyncio.sleep(data.draw(st.sampled_from([0, 0, 0.05]), label="pause"))  # let the session act (or not)
+    await asyncio.sleep(pause)  # let the session act (or not)
 
 
-async def monitor_report(s: Story, identity: str, data: st.DataObject) -> None:
-    kind = data.draw(st.sampled_from(MONITOR_REPORTS), label="report")
-    level = data.draw(st.sampled_from(list(ConnectionLevel)), label="quality")
-    avatar = f"avatar-{s.spec.session_id}-{data.draw(st.integers(1, 3), label='avatar')}"
-    members = data.draw(st.integers(0, 7), label="present")  # one draw of fixed shape: a bit per member
+def draw_for(name: str, data: st.DataObject) -> list[Any]:
+    """What step `name` needs drawn, always the same draws for the same step."""
+    match name:
+        case "answer":
+            return [data.draw(st.integers(0, 7), label="call"), data.draw(st.integers(0, 11), label="outcome")]
+        case "avatar_left":
+            return [data.draw(st.integers(1, 3), label="avatar")]
+        case "duplicate":
+            return [data.draw(st.integers(0, 31), label="again")]
+        case "extend":
+            return [data.draw(st.integers(1, 120), label="minutes")]
+        case "monitor":
+            return [
+                data.draw(st.sampled_from(MONITOR_REPORTS), label="report"),
+                data.draw(st.sampled_from(list(ConnectionLevel)), label="quality"),
+                data.draw(st.integers(1, 3), label="avatar"),
+                data.draw(st.integers(0, 7), label="present"),  # a bit per member
+            ]
+    return []
+
+
+async def room_known_live(s: Story) -> bool:
+    """The session has seen its room created, and is not re-creating it (nor ending)."""
+    try:
+        state = await s.sessions.state(s.spec.session_id)
+    except Exception:
+        return False  # closed, or not answering: LiveKit keeps the room this time
+    lost = sum("room lost at" in r for r in state.recoveries)
+    recreated = sum("re-created" in r for r in state.recoveries)
+    return (
+        state.status.value in ("waiting", "live", "degraded")
+        and lost == recreated
+        and not s.world.in_flight("create_room", s.spec.room_name)
+    )
+
+
+async def monitor_report(
+    s: Story, identity: str, kind: RoomEventKind, level: ConnectionLevel, avatar_n: int, members: int
+) -> None:
+    avatar = f"avatar-{s.spec.session_id}-{avatar_n}"
     present = [who for bit, who in enumerate(["cand", "coach", avatar]) if members >> bit & 1]
     reports: dict[RoomEventKind, dict[str, Any]] = {
         RoomEventKind.TRACK_PUBLISHED: {"identity": identity, "track_sid": f"TR_{identity}", "track_kind": "audio"},
