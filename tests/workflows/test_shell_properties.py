@@ -316,7 +316,9 @@ async def drain(s: Story) -> WorkflowExecutionStatus:
         s.ask("end (drain)", s.sessions.end(s.spec.session_id, "the story is over"))
     s.world.settle_all()
     try:
-        return await eventually(lambda: _closed_status(s), what=f"session {s.spec.session_id} to close", timeout=15)
+        # 30 s: an activity task a restarted worker took as it shut down is retried only after its start-to-close
+        # timeout (create_room's is 20 s), which a story once hit (150 examples: create_room pending, started).
+        return await eventually(lambda: _closed_status(s), what=f"session {s.spec.session_id} to close", timeout=30)
     except AssertionError as e:
         raise AssertionError(f"{e}\n{await diagnose(s)}") from None
 
