@@ -228,6 +228,11 @@ class RoomMonitor:
                          present=sorted(seen))
 
     async def _on(self, what: str, item: Any, room: rtc.Room) -> None:
+        if self._reconnecting and what not in ("reconnecting", "reconnected"):
+            # Our own connection is being resumed or restarted: the SDK drops and re-adds every remote participant
+            # meanwhile, which says nothing about them. Once back, `_reconcile` tells what really changed (or the
+            # room is found gone, and the new room's reconcile does).
+            return
         match what:
             case "joined" if not item.identity.startswith(MONITOR_PREFIX):
                 known = self.snapshot.peers.get(item.identity)
