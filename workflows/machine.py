@@ -40,6 +40,7 @@ from workflows.models import (
     MintTokenInput,
     MonitorInput,
     ParticipantHandoff,
+    Role,
     SessionOutcome,
     SessionSpec,
     SessionState,
@@ -509,6 +510,7 @@ class RoomWatch:
     heard: dict[str, Heard] = field(default_factory=dict)
     gone_sids: dict[str, set[str]] = field(default_factory=dict)  # connections that left, per identity
     lost_at: datetime | None = None  # the room vanished then; it is being re-created
+    connection_lost_since: dict[str, datetime] = field(default_factory=dict)  # candidates whose quality is LOST
     avatar_after_room: bool = False  # the avatar was lost with the room: start a fresh one into the new room
 
     @property
@@ -647,6 +649,7 @@ class SessionMachine:
             deadlines.append(Deadline(self.avatar.retry_at, f"avatar replacement {self.avatar.replacements + 1} backoff"))
         if self.avatar.rotate_at is not None:
             deadlines.append(Deadline(self.avatar.rotate_at, "avatar rotation"))
+        deadlines += self._connection_deadlines()
         return min(deadlines, key=lambda d: d.at)
 
     def check_join(self, identity: str) -> None:
@@ -1149,6 +1152,7 @@ class SessionMachine:
 
     def _forget_connection(self, identity: str, now: datetime) -> None:
         """They left: their connection's tracks, quality and degradation go with it (its quality time is kept)."""
+        self.room_watch.connection_lost_since.pop(identity, None)  # leaving has its own rule (reconnect grace)
         self.clock.add_level_time(identity, now)
         self.clock.level.pop(identity, None)
         watch = self.room_watch
@@ -1201,6 +1205,35 @@ class SessionMachine:
         if identity in self.people.reconnect_by:
             clock.reconnects[identity] = clock.reconnects.get(identity, 0) + 1
 
+    def _follow_candidate_connection(self, identity: str, quality: ConnectionLevel, now: datetime) -> None:
+        """The policy's clock for a candidate whose connection is lost (it runs only if the spec sets it)."""
+        participant = self.spec.participant(identity)
+        lost_for = self.spec.quality_policy.end_when_candidate_lost_for
+        since = self.room_watch.connection_lost_since
+        candidate = participant is not None and participant.role is Role.CANDIDATE
+        if quality is not ConnectionLevel.LOST or lost_for is None or not candidate:
+            since.pop(identity, None)
+        else:
+            since.setdefault(identity, now)
+
+    def _connection_deadlines(self) -> list[Deadline]:
+        lost_for = self.spec.quality_policy.end_when_candidate_lost_for
+        if lost_for is None:
+            return []
+        lost = sorted(self.room_watch.connection_lost_since.items())
+        return [Deadline(at + lost_for, f"connection lost: {who}") for who, at in lost]
+
+    def _connections_lost(self, now: datetime) -> list[Command]:
+        lost_for = self.spec.quality_policy.end_when_candidate_lost_for
+        if lost_for is None:
+            return []
+        gone = sorted(who for who, at in self.room_watch.connection_lost_since.items() if now >= at + lost_for)
+        if not gone:
+            return []
+        return self._end(
+            EndReason.PARTICIPANT_LOST, f"{', '.join(gone)}'s connection stayed lost for {_seconds(lost_for)}", now
+        )
+
     def _is_ours(self, identity: str) -> bool:
         return self.spec.participant(identity) is not None or self._is_avatar(identity)
 
@@ -1210,6 +1243,7 @@ class SessionMachine:
         if self.ending or self.spec.participant(identity) is None or quality is ConnectionLevel.UNKNOWN:
             return []
         watch.quality[identity] = quality
+        self._follow_candidate_connection(identity, quality, now)
         self.clock.add_level_time(identity, now)
         self.clock.level[identity] = (quality, now)
         if quality in self.spec.quality_policy.degrade_on and identity in self.people.present:
@@ -1286,7 +1320,7 @@ class SessionMachine:
             return self._end(EndReason.MAX_DURATION, None, now)
         if not self.people.joined and now >= self.no_show_deadline:
             return self._end(EndReason.NO_SHOW, "nobody joined before the no-show timeout", now)
-        commands = self._participants_lost(now)
+        commands = self._participants_lost(now) + self._connections_lost(now)
         if self.ending:
             return commands
         plan = self.avatar

@@ -135,6 +135,8 @@ class QualityPolicy(Strict):
     degrade_on: Annotated[list[ConnectionLevel], Field(max_length=4)] = [ConnectionLevel.POOR, ConnectionLevel.LOST]
     # The avatar's video published but no frame for this long: the avatar is replaced (its usual recovery).
     avatar_frozen_after: Annotated[timedelta, Field(ge=timedelta(seconds=2), le=timedelta(minutes=5))] = timedelta(seconds=6)
+    # A candidate whose connection stays lost this long ends the session (reason participant_lost); None: never.
+    end_when_candidate_lost_for: Annotated[timedelta, Field(ge=timedelta(seconds=5), le=timedelta(hours=1))] | None = None
 
 
 # Per session kind when the spec names no policy: an interview degrades on poor quality, coaching only on lost.

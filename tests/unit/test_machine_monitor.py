@@ -44,7 +44,7 @@ from workflows.machine import (
     TrackPublished,
     TrackUnpublished,
 )
-from workflows.models import ConnectionLevel, QualityPolicy, SessionKind, SessionSpec, SessionStatus
+from workflows.models import ConnectionLevel, EndReason, QualityPolicy, SessionKind, SessionSpec, SessionStatus
 
 
 def monitored(spec: SessionSpec | None = None) -> SessionMachine:
@@ -263,3 +263,36 @@ def test_handoff_metrics_say_how_connections_went():
     assert state.room_recovery_s == [3.0]
     m.handle(EndRequested("done"), at(7))
     assert m.state().handoff.participants["alice"].quality_s[ConnectionLevel.POOR] == 60.0
+
+
+def test_a_candidate_whose_connection_stays_lost_ends_the_session_when_the_policy_says_so():
+    policy = QualityPolicy(end_when_candidate_lost_for=timedelta(seconds=30))
+    m = monitored(make_spec(avatar=None).model_copy(update={"quality": policy}))
+    m.handle(ParticipantJoined("alice"), T1)  # alice is the candidate
+    m.handle(ParticipantJoined("bob"), T1)
+    m.handle(QualityChanged("bob", ConnectionLevel.LOST, None, "q0"), at(2))  # an interviewer: degraded, no clock
+    assert deadline_name(m) == "max duration"
+    m.handle(QualityChanged("alice", ConnectionLevel.LOST, None, "q1"), at(2))
+    deadline = m.next_deadline()
+    assert deadline is not None and deadline.name == "connection lost: alice" and deadline.at == at(2.5)
+    m.handle(QualityChanged("alice", ConnectionLevel.POOR, None, "q2"), at(2.2))  # better: the clock stops
+    assert deadline_name(m) == "max duration"
+    m.handle(QualityChanged("alice", ConnectionLevel.LOST, None, "q3"), at(3))
+    commands = m.handle(TimerFired(), at(3.5))
+    assert m.ending is not None and m.ending.reason is EndReason.PARTICIPANT_LOST
+    assert "alice's connection stayed lost for 30 s" in (m.ending.detail or "")
+    assert CancelMonitor() in commands
+
+
+def test_without_the_policy_a_lost_connection_only_degrades():
+    m = monitored(NO_AVATAR)
+    m.handle(ParticipantJoined("alice"), T1)
+    m.handle(QualityChanged("alice", ConnectionLevel.LOST, None, "q1"), at(2))
+    assert deadline_name(m) == "max duration" and m.handle(TimerFired(), at(30)) == []
+    assert m.ending is None and m.state().status is SessionStatus.DEGRADED
+
+
+def deadline_name(m: SessionMachine) -> str:
+    deadline = m.next_deadline()
+    assert deadline is not None
+    return deadline.name
