@@ -62,12 +62,12 @@ def percentile(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
-async def until(sessions: SessionClient, session_id: str, present: list[str]) -> None:
+async def until(sessions: SessionClient, session_id: str, present: list[str], every: float = POLL_S) -> None:
     """Poll the session's state until `present` is who it sees (a benchmark measures: no timeout of its own)."""
     while True:
         if (await sessions.state(session_id)).present == present:
             return
-        await asyncio.sleep(POLL_S)
+        await asyncio.sleep(every)
 
 
 async def latency(sessions: SessionClient, events: int) -> dict[str, float]:
@@ -158,7 +158,8 @@ async def media_load(sessions: SessionClient, media_queue: str, counts: list[int
                 grants = await asyncio.gather(*(sessions.join(s, "cand") for s in specs))
                 for grant in grants:
                     await stack.enter_async_context(audio_participant(grant.url, grant.token))
-                await asyncio.gather(*(until(sessions, s.session_id, ["cand"]) for s in specs))
+                # Slow polling here: 50 sessions polled every 20 ms would be the load measured.
+                await asyncio.gather(*(until(sessions, s.session_id, ["cand"], every=1.0) for s in specs))
                 await asyncio.sleep(3)  # every monitor connected and subscribed
                 figures = await sample(worker.pid, hold)
                 history = await sessions.handle(specs[0].session_id).fetch_history()
