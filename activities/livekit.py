@@ -11,7 +11,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Literal, TypedDict, TypeVar
 
 from livekit import api
@@ -63,6 +63,22 @@ def mint_token(settings: Settings, inp: MintTokenInput) -> tuple[str, datetime]:
         .to_jwt()
     )
     return token, expires_at
+
+
+def mint_monitor_token(settings: Settings, room: str, identity: str, ttl: timedelta) -> str:
+    """The room monitor's token: hidden (nobody sees it), agent kind (it never holds the room open), and it
+    may only subscribe: no publishing, no data, no admin."""
+    grants = api.VideoGrants(
+        room_join=True, room=room, hidden=True, can_subscribe=True, can_publish=False, can_publish_data=False
+    )
+    return (
+        api.AccessToken(settings.livekit_api_key, settings.livekit_api_secret.get_secret_value())
+        .with_identity(identity)
+        .with_kind("agent")
+        .with_grants(grants)
+        .with_ttl(ttl)
+        .to_jwt()
+    )
 
 
 class LiveKitActivities:

@@ -49,6 +49,11 @@ class Settings(BaseSettings):
     # tell ours from another app's or another deployment's on a shared LiveKit project (no '-': the prefix of
     # one deployment is never the prefix of another's).
     deployment: str = Field("local", pattern=r"^[a-z0-9]{1,20}$", validation_alias=_env("SESSIONFLOW_DEPLOYMENT"))
+    # The room monitors run here (`sessionflow worker --media`), apart from workflow work; starters pass it on.
+    # Empty: sessions started with these settings run no room monitor (webhooks only).
+    media_task_queue: str = Field("session-media", validation_alias=_env("SESSIONFLOW_MEDIA_TASK_QUEUE"))
+    # How many rooms one media worker watches at once (each monitor is one long-running activity).
+    media_max_sessions: int = Field(200, ge=1, validation_alias=_env("SESSIONFLOW_MEDIA_MAX_SESSIONS"))
 
     # LiveKit
     livekit_url: str = Field("ws://127.0.0.1:7880", validation_alias=_env("LIVEKIT_URL"))

@@ -199,15 +199,17 @@ def cmd_demo(_: argparse.Namespace) -> int:
 
 async def _dev() -> int:
     from config.settings import get_settings
-    from workers.worker import run_worker
+    from workers.temporal import connect
+    from workers.worker import build_media_worker, run_worker
 
     async with LocalStack() as stack:
         os.environ.update(stack.env)
         get_settings.cache_clear()
         for label, url in stack.urls.items():
             print(f"  {label:<20} {url}")
-        print("stack and worker running; Ctrl-C stops both")
-        await run_worker(get_settings())
+        print("stack, worker and media worker (room monitors) running; Ctrl-C stops them")
+        async with build_media_worker(await connect(get_settings()), get_settings()):
+            await run_worker(get_settings())
     return 0
 
 

@@ -29,7 +29,7 @@ from starters.client import SessionClient
 from starters.timeline import render, timeline
 from workers.codec import decode_history
 from workers.temporal import connect
-from workers.worker import build_worker
+from workers.worker import build_media_worker, build_worker
 from workflows.models import SessionSpec, avatar_identity_prefix
 
 console = Console(highlight=False)
@@ -158,11 +158,12 @@ async def demo() -> int:
     console.print("[bold]sessionflow demo[/bold]: one AI-avatar interview on the local stack")
     async with AsyncExitStack() as stack:
         await stack.enter_async_context(local_stack())
-        settings = Settings()
-        client = await connect(settings)
         task_queue = f"demo-{uuid.uuid4().hex[:8]}"
+        settings = Settings(media_task_queue=f"{task_queue}-media")
+        client = await connect(settings)
         worker = build_worker(client, settings, task_queue=task_queue)
         await stack.enter_async_context(worker)
+        await stack.enter_async_context(build_media_worker(client, settings))  # the room monitor
         sessions = SessionClient(client, settings, task_queue=task_queue)
         result = await run_interview(settings, sessions)
     clean = result.leaked_rooms == 0 and result.leaked_avatars == 0

@@ -103,6 +103,11 @@ class SyntheticMedia:
                     await source.aclose()
         self._video_source = self._audio_source = None
 
+    def freeze_video(self) -> None:
+        """Stop producing video frames; the track stays published (a frozen picture, for the room monitor)."""
+        if self._tasks:
+            self._tasks[0].cancel()
+
     @contextlib.asynccontextmanager
     async def publish(self, room: rtc.Room) -> AsyncIterator[SyntheticMedia]:
         """``start(room)`` on entry, ``stop()`` on exit."""

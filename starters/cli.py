@@ -1,6 +1,6 @@
 """`sessionflow`: the command line for developers and support.
 
-    sessionflow worker                   a worker against TEMPORAL_ADDRESS
+    sessionflow worker [--media]         a worker against TEMPORAL_ADDRESS (--media: the room monitors)
     sessionflow join SPEC IDENTITY       start the session in SPEC (JSON file or text) if needed, print a grant
     sessionflow end SESSION_ID [--reason TEXT]
     sessionflow extend SESSION_ID SECONDS
@@ -144,8 +144,8 @@ async def _reap(args: argparse.Namespace) -> int:
     return 1 if report.errors else 0
 
 
-async def _worker(_: argparse.Namespace) -> int:
-    await run_worker(get_settings())
+async def _worker(args: argparse.Namespace) -> int:
+    await run_worker(get_settings(), media=args.media)
     return 0
 
 
@@ -160,7 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sessionflow", description="durable live-video sessions")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("dev", help="moved: python -m sandbox dev").set_defaults(sync=_moved_to_sandbox)
-    sub.add_parser("worker", help="run a worker").set_defaults(run=_worker)
+    w = sub.add_parser("worker", help="run a worker (sessions), or with --media the room monitors")
+    w.add_argument("--media", action="store_true", help="serve the media task queue (room monitors) instead")
+    w.set_defaults(run=_worker)
     sub.add_parser("demo", help="moved: python -m sandbox demo (make demo)").set_defaults(sync=_moved_to_sandbox)
     p = sub.add_parser("join", help="start (if needed) and join a session; prints the grant")
     p.add_argument("spec", help="the session spec: a JSON file or JSON text")

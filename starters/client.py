@@ -48,7 +48,7 @@ from workflows.models import (
     workflow_id_for,
 )
 from workflows.search_attributes import DEPLOYMENT, PARTICIPANT_IDS, SESSION_ID, SESSION_KIND, SESSION_STATUS, participant_id
-from workflows.session import SessionWorkflow
+from workflows.session import MEDIA_QUEUE_MEMO, SessionWorkflow
 
 
 class SessionError(Exception):
@@ -265,6 +265,8 @@ class SessionClient:
                     SearchAttributePair(DEPLOYMENT, self.settings.deployment),
                 ]
             ),
+            # The room monitor's task queue (read by the workflow, which has no settings of its own).
+            "memo": {MEDIA_QUEUE_MEMO: self.settings.media_task_queue},
             "static_summary": _summary(spec),
             "static_details": _details(spec),
         }

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 
 import structlog
 import uvicorn
@@ -63,7 +64,11 @@ def room_event_from_webhook(event: api.WebhookEvent) -> RoomEvent | None:
         # A participant replaced by a newer connection of the same identity has not left (livekit#4620).
         if event.participant.disconnect_reason == lk_models.DisconnectReason.DUPLICATE_IDENTITY:
             return None
-    return RoomEvent(event_id=event.id, kind=kind, identity=identity if kind is not RoomEventKind.ROOM_FINISHED else None)
+    if kind is RoomEventKind.ROOM_FINISHED:
+        return RoomEvent(event_id=event.id, kind=kind)
+    # The connection and the time let the session drop a webhook that arrives after later news (the monitor's).
+    at = datetime.fromtimestamp(event.created_at, UTC) if event.created_at else None
+    return RoomEvent(event_id=event.id, kind=kind, identity=identity, sid=event.participant.sid or None, at=at)
 
 
 def create_app(settings: Settings, client: Client | None = None) -> FastAPI:

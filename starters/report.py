@@ -22,7 +22,7 @@ from starters.client import InvalidInput, SessionClient, SessionEnded, SessionNo
 from starters.text import table
 from starters.timeline import Moment, render, timeline
 from workers.codec import decode_history
-from workflows.models import ROOM_PREFIX, AvatarBilling, EndReason, Identity, SessionKind, SessionStatus
+from workflows.models import ROOM_PREFIX, AvatarBilling, EndReason, Handoff, Identity, SessionKind, SessionStatus
 from workflows.search_attributes import (
     AVATAR_SESSION_ID,
     PARTICIPANT_IDS,
@@ -57,6 +57,7 @@ class SessionReport:
     recoveries: list[str] = field(default_factory=list)
     billing: list[AvatarBilling] = field(default_factory=list)
     billing_note: str | None = None  # why the billing rows are missing, when they are
+    handoff: Handoff | None = None  # connection metrics (None: a closed session with no outcome)
     read_at: datetime = field(default_factory=lambda: datetime.now(UTC))
 
 
@@ -96,6 +97,7 @@ async def read_session(sessions: SessionClient, session_id: str) -> SessionRepor
             end_detail=state.end_detail,
             recoveries=state.recoveries,
             billing=state.avatar_billing,
+            handoff=state.handoff,
         )
     try:
         outcome = await sessions.recorded_outcome(session_id)
@@ -120,6 +122,7 @@ async def read_session(sessions: SessionClient, session_id: str) -> SessionRepor
         recoveries=outcome.recoveries,
         billing=outcome.avatar_billing,
         billing_note=note,
+        handoff=outcome.handoff,
     )
 
 
@@ -143,8 +146,25 @@ def render_session(report: SessionReport) -> str:
     lines.append(render_billing(report.billing, report.read_at) if report.billing else "  no avatar sessions")
     if report.billing_note:
         lines.append(f"  {report.billing_note}")
+    if report.handoff is not None:
+        lines.append(_rule("connections"))
+        lines.append(render_handoff(report.handoff))
     lines.append(f"Temporal UI: {report.ui_url}")
     return "\n".join(lines)
+
+
+def render_handoff(handoff: Handoff) -> str:
+    """Per participant: grant to in the room, reconnects, time at each quality level; avatars; room recoveries."""
+    lines = []
+    for who, p in handoff.participants.items():
+        connect = f"{p.connect_s:.2f} s" if p.connect_s is not None else "not measured"
+        quality = ", ".join(f"{level.value} {seconds:.0f} s" for level, seconds in p.quality_s.items()) or "not reported"
+        lines.append(f"  {who}: connected in {connect}, {p.reconnects} reconnect(s); quality: {quality}")
+    if handoff.avatar_join_s:
+        lines.append("  avatar in the room after: " + ", ".join(f"{s:.2f} s" for s in handoff.avatar_join_s))
+    if handoff.room_recovery_s:
+        lines.append("  room re-created after: " + ", ".join(f"{s:.2f} s" for s in handoff.room_recovery_s))
+    return "\n".join(lines) or "  nobody connected"
 
 
 def render_billing(billing: Sequence[AvatarBilling], now: datetime) -> str:

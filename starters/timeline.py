@@ -52,6 +52,7 @@ def timeline(history: WorkflowHistory, converter: DataConverter) -> list[Moment]
     summaries: dict[int, str] = {}  # scheduled event id -> what that activity or timer does
     updates: dict[str, str] = {}  # update id -> name
     published: dict[str, object] = {}  # search attribute -> the value last upserted
+    happenings: set[tuple[str, ...]] = set()  # room events shown so far (webhooks and the monitor tell the same)
     start: datetime | None = None
 
     def add(event: HistoryEvent, text: str) -> None:
@@ -93,7 +94,15 @@ def timeline(history: WorkflowHistory, converter: DataConverter) -> list[Moment]
                 add(e, f"{name} refused: {completed.outcome.failure.message}")
         elif t == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED:
             signaled = e.workflow_execution_signaled_event_attributes
-            add(e, f"{signaled.signal_name}{_describe_arg(_first(converter, signaled.input))}")
+            arg = _first(converter, signaled.input)
+            if signaled.signal_name == "room_event" and isinstance(arg, dict):
+                happening = _happening(arg)
+                if happening in happenings:
+                    continue  # the same happening told again (the other source, a retry): shown once
+                happenings.add(happening)
+                add(e, f"room_event{_describe_room_event(arg)}")
+            else:
+                add(e, f"{signaled.signal_name}{_describe_arg(arg)}")
         elif t == EventType.EVENT_TYPE_UPSERT_WORKFLOW_SEARCH_ATTRIBUTES:
             fields = e.upsert_workflow_search_attributes_event_attributes.search_attributes.indexed_fields
             for key, payload in fields.items():
@@ -127,6 +136,25 @@ def _describe_arg(arg: object) -> str:
             parts.append("granted" if arg["granted"] else "withdrawn")
         return f" ({', '.join(parts)})" if parts else ""
     return ""
+
+
+def _happening(event: dict[str, object]) -> tuple[str, ...]:
+    """What a room event is about: a join or leave of one connection is one happening, whoever told it."""
+    kind, identity, sid = str(event.get("kind")), str(event.get("identity")), event.get("sid")
+    if kind in ("participant_joined", "participant_left") and sid:
+        return (kind, identity, str(sid))
+    if kind == "room_finished":
+        return (kind,)  # a room finishes once
+    return ("id", str(event.get("event_id")))
+
+
+def _describe_room_event(event: dict[str, object]) -> str:
+    parts = [str(event[k]) for k in ("kind", "identity", "quality", "track_kind", "detail") if event.get(k)]
+    present = event.get("present")
+    if isinstance(present, list):
+        parts.append("in the room: " + (", ".join(str(p) for p in present) or "nobody"))
+    source = " via the monitor" if event.get("source") == "monitor" else ""
+    return f" ({', '.join(parts)}){source}" if parts else source
 
 
 def render(moments: list[Moment]) -> str:

@@ -1,5 +1,6 @@
-"""The worker process: SessionWorkflow and its activities on the sessions' task queue, and the reaper's sweeps
-on a task queue of their own (`SESSIONFLOW_REAPER_TASK_QUEUE`), so its runs never mix with sessions."""
+"""The worker processes. The default one runs SessionWorkflow and its activities on the sessions' task queue, and
+the reaper's sweeps on a task queue of their own (`SESSIONFLOW_REAPER_TASK_QUEUE`), so its runs never mix with
+sessions; `--media` runs the room monitors on the media task queue, so media work scales apart from workflow work."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from temporalio.worker import Worker
 
 from activities.avatar import AvatarActivities
 from activities.livekit import LiveKitActivities
+from activities.monitor import MonitorActivities
 from activities.reaper import ReaperActivities
 from config.settings import Settings, get_settings
 from workers.metrics import live_session_gauge, metrics_address, metrics_runtime
@@ -70,23 +72,49 @@ def build_reaper_worker(client: Client, settings: Settings, *, task_queue: str |
     )
 
 
-async def run_worker(settings: Settings | None = None) -> None:
+def build_media_worker(client: Client, settings: Settings, *, task_queue: str | None = None) -> Worker:
+    """The room monitors: one long-running activity per session, no workflows."""
+    return Worker(
+        client,
+        task_queue=task_queue or settings.media_task_queue,
+        activities=[MonitorActivities(settings).monitor_room],
+        max_concurrent_activities=settings.media_max_sessions,
+        # A monitor only leaves its room when cancelled: on shutdown it is handed to another media worker.
+        graceful_shutdown_timeout=timedelta(seconds=2),
+        max_heartbeat_throttle_interval=timedelta(seconds=1),
+    )
+
+
+async def run_worker(settings: Settings | None = None, *, media: bool = False) -> None:
     """Run until SIGTERM or SIGINT, then shut down gracefully: nothing is torn down, work is handed over."""
     settings = settings or get_settings()
     runtime = metrics_runtime(settings)  # before connecting: the client's runtime exports the worker's metrics
     client = await connect(settings, runtime=runtime)
+    if media:
+        media_worker = build_media_worker(client, settings)
+        log.info("media worker started", task_queue=settings.media_task_queue, temporal=settings.temporal_address,
+                 metrics=metrics_address(settings))
+        async with media_worker:
+            await _until_signalled()
+        log.info("worker stopped")
+        return
     worker = build_worker(client, settings)
     reaper = build_reaper_worker(client, settings)
     await ensure_reaper_schedule(client, settings)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     log.info(
         "worker started", task_queue=settings.task_queue, reaper_task_queue=settings.reaper_task_queue,
         temporal=settings.temporal_address, metrics=metrics_address(settings),
     )
     async with worker, reaper, live_session_gauge(client, runtime):
-        await stop.wait()
-        log.info("worker shutting down", reason="signal")
+        await _until_signalled()
     log.info("worker stopped")
+
+
+async def _until_signalled() -> None:
+    """Wait for SIGTERM or SIGINT; the caller's `async with` then shuts its workers down gracefully."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("worker shutting down", reason="signal")

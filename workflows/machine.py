@@ -31,13 +31,19 @@ from workflows.models import (
     AvatarBilling,
     AvatarEndedBy,
     AvatarStart,
+    ConnectionLevel,
     ConsentEvent,
     CreateAvatarInput,
     CreateRoomInput,
+    Degradation,
     EndReason,
+    Handoff,
     MintTokenInput,
+    MonitorInput,
+    ParticipantHandoff,
     RecordingReport,
     RecordingStatus,
+    Role,
     SessionOutcome,
     SessionSpec,
     SessionState,
@@ -84,12 +90,16 @@ class RoomDeleted:
 class ParticipantJoined:
     identity: str
     event_id: str | None = None
+    sid: str | None = None  # the participant's connection, when the source says (webhook or monitor)
+    at: datetime | None = None  # when it happened, when the source says: older than what we know is stale
 
 
 @dataclass(frozen=True)
 class ParticipantLeft:
     identity: str
     event_id: str | None = None
+    sid: str | None = None
+    at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -199,6 +209,65 @@ class RecordingStopped:
 class RecordingStopFailed:
     egress_id: str
     detail: str
+# The room monitor's events (see "the room monitor" below). Webhooks feed ParticipantJoined/Left/RoomClosed.
+
+
+@dataclass(frozen=True)
+class TrackPublished:
+    identity: str
+    track_sid: str
+    kind: str
+    event_id: str | None = None
+
+
+@dataclass(frozen=True)
+class TrackUnpublished:
+    identity: str
+    track_sid: str
+    event_id: str | None = None
+
+
+@dataclass(frozen=True)
+class QualityChanged:
+    """A participant's connection quality settled on `quality` (it outlasted the monitor's debounce)."""
+
+    identity: str
+    quality: ConnectionLevel
+    detail: str | None = None
+    event_id: str | None = None
+
+
+@dataclass(frozen=True)
+class AvatarFrozen:
+    """The avatar publishes video but no frame arrived for the policy's `avatar_frozen_after`."""
+
+    identity: str
+    detail: str
+    event_id: str | None = None
+
+
+@dataclass(frozen=True)
+class RoomLost:
+    """The room vanished without a webhook (a LiveKit node restarted): the monitor found it missing."""
+
+    detail: str
+    event_id: str | None = None
+
+
+@dataclass(frozen=True)
+class PresenceObserved:
+    """Who is really in the room at `at` (after a gap in what the monitor saw: its start, a reconnect)."""
+
+    identities: tuple[str, ...]
+    at: datetime | None = None
+    event_id: str | None = None
+
+
+@dataclass(frozen=True)
+class MonitorStopped:
+    """The room monitor activity ended: cancelled (detail None), or it failed for good."""
+
+    detail: str | None = None
 
 
 Event = (
@@ -225,6 +294,13 @@ Event = (
     | RecordingStartFailed
     | RecordingStopped
     | RecordingStopFailed
+    | TrackPublished
+    | TrackUnpublished
+    | QualityChanged
+    | AvatarFrozen
+    | RoomLost
+    | PresenceObserved
+    | MonitorStopped
 )
 
 # ---- commands: what the shell must do ----------------------------------------------------------------------
@@ -309,6 +385,18 @@ class StopRecording:
     egress_id: str
 
 
+@dataclass(frozen=True)
+class StartMonitor:
+    """Run the room monitor (media task queue) until cancelled; answered by MonitorStopped."""
+
+    request: MonitorInput
+
+
+@dataclass(frozen=True)
+class CancelMonitor:
+    """Stop the room monitor: it leaves the room (before the room is deleted)."""
+
+
 Command = (
     CreateRoom
     | DeleteRoom
@@ -321,6 +409,8 @@ Command = (
     | PublishStatus
     | StartRecording
     | StopRecording
+    | StartMonitor
+    | CancelMonitor
 )
 
 
@@ -488,6 +578,72 @@ class People:
 
 
 @dataclass(frozen=True)
+class Heard:
+    """The latest thing a room event said about one participant: later news about an older moment is stale."""
+
+    at: datetime
+    sid: str | None
+    joined: bool
+
+
+@dataclass
+class RoomWatch:
+    """What the room monitor tells the session beyond presence: tracks, quality, a vanished room."""
+
+    enabled: bool = False  # this session runs a monitor (the shell turns it on: `workflow.patched`)
+    running: bool = False
+    tracks: dict[str, dict[str, str]] = field(default_factory=dict)  # identity -> track sid -> kind
+    quality: dict[str, ConnectionLevel] = field(default_factory=dict)
+    degraded: dict[str, Degradation] = field(default_factory=dict)  # identity -> why it degrades the session
+    heard: dict[str, Heard] = field(default_factory=dict)
+    gone_sids: dict[str, set[str]] = field(default_factory=dict)  # connections that left, per identity
+    lost_at: datetime | None = None  # the room vanished then; it is being re-created
+    connection_lost_since: dict[str, datetime] = field(default_factory=dict)  # candidates whose quality is LOST
+    avatar_after_room: bool = False  # the avatar was lost with the room: start a fresh one into the new room
+
+    @property
+    def troubled(self) -> bool:
+        return bool(self.degraded) or self.lost_at is not None
+
+
+@dataclass
+class HandoffClock:
+    """The times behind the session's connection metrics (`Handoff`)."""
+
+    granted_at: dict[str, datetime] = field(default_factory=dict)  # grant issued, not in the room yet
+    connect_s: dict[str, float] = field(default_factory=dict)
+    reconnects: dict[str, int] = field(default_factory=dict)
+    level: dict[str, tuple[ConnectionLevel, datetime]] = field(default_factory=dict)  # current level, since
+    level_s: dict[str, dict[ConnectionLevel, float]] = field(default_factory=dict)
+    avatar_asked: dict[str, datetime] = field(default_factory=dict)  # avatar identity -> create asked for
+    avatar_join_s: list[float] = field(default_factory=list)
+    room_recovery_s: list[float] = field(default_factory=list)
+    last_now: datetime | None = None
+
+    def add_level_time(self, identity: str, until: datetime) -> None:
+        if identity in self.level:
+            level, since = self.level[identity]
+            spent = self.level_s.setdefault(identity, {})
+            spent[level] = spent.get(level, 0.0) + max((until - since).total_seconds(), 0.0)
+            self.level[identity] = (level, until)
+
+    def report(self, now: datetime | None) -> Handoff:
+        people = set(self.connect_s) | set(self.reconnects) | set(self.level_s) | set(self.level)
+        participants = {}
+        for who in sorted(people):
+            spent = dict(self.level_s.get(who, {}))
+            if who in self.level and now is not None:
+                level, since = self.level[who]
+                spent[level] = spent.get(level, 0.0) + max((now - since).total_seconds(), 0.0)
+            participants[who] = ParticipantHandoff(
+                connect_s=self.connect_s.get(who), reconnects=self.reconnects.get(who, 0),
+                quality_s={k: round(v, 1) for k, v in spent.items()},
+            )
+        return Handoff(participants=participants, avatar_join_s=list(self.avatar_join_s),
+                       room_recovery_s=list(self.room_recovery_s))
+
+
+@dataclass(frozen=True)
 class Ending:
     reason: EndReason
     detail: str | None
@@ -514,6 +670,8 @@ class SessionMachine:
         self.recording = Recording()
         self.ever_degraded = False  # the `SessionDegraded` search attribute
         self._seen: deque[str] = deque(maxlen=SEEN_EVENT_IDS)
+        self.room_watch = RoomWatch()
+        self.clock = HandoffClock()
 
     # -- reading -------------------------------------------------------------------------------------------
 
@@ -536,8 +694,8 @@ class SessionMachine:
 
     @property
     def finished(self) -> bool:
-        """Released, and no keep-alive still winding down: the workflow may return."""
-        return self.released and not any(a.keepalive for a in self.avatars.values())
+        """Released, and no keep-alive or room monitor still winding down: the workflow may return."""
+        return self.released and not any(a.keepalive for a in self.avatars.values()) and not self.room_watch.running
 
     @property
     def join_decidable(self) -> bool:
@@ -581,6 +739,7 @@ class SessionMachine:
             deadlines.append(Deadline(self.avatar.retry_at, f"avatar replacement {self.avatar.replacements + 1} backoff"))
         if self.avatar.rotate_at is not None:
             deadlines.append(Deadline(self.avatar.rotate_at, "avatar rotation"))
+        deadlines += self._connection_deadlines()
         return min(deadlines, key=lambda d: d.at)
 
     def check_join(self, identity: str) -> None:
@@ -623,27 +782,29 @@ class SessionMachine:
         if self.room.phase is not RoomPhase.NONE:
             raise UnexpectedEvent("begin() called twice")
         self.room = Room(RoomPhase.CREATING)
+        return [CreateRoom(self._room_request())]
+
+    def _room_request(self) -> CreateRoomInput:
         spec = self.spec
-        return [
-            CreateRoom(
-                CreateRoomInput(
-                    room=spec.room_name,
-                    workflow_id=spec.workflow_id,
-                    session_kind=spec.kind,
-                    max_participants=spec.room_capacity + ENGINE_PARTICIPANTS,
-                    empty_timeout_s=int((spec.no_show_timeout + timedelta(minutes=1)).total_seconds()),
-                    departure_timeout_s=int((spec.reconnect_grace + DEPARTURE_MARGIN).total_seconds()),
-                )
-            )
-        ]
+        return CreateRoomInput(
+            room=spec.room_name,
+            workflow_id=spec.workflow_id,
+            session_kind=spec.kind,
+            max_participants=spec.room_capacity + ENGINE_PARTICIPANTS,
+            empty_timeout_s=int((spec.no_show_timeout + timedelta(minutes=1)).total_seconds()),
+            departure_timeout_s=int((spec.reconnect_grace + DEPARTURE_MARGIN).total_seconds()),
+        )
 
-    def admit(self, identity: str, now: datetime | None = None) -> MintTokenInput:
-        """Admit `identity` (raises a typed refusal) and say which token to mint for them.
+    def admit(self, identity: str, now: datetime | None = None, *, bounded_ttl: bool = True) -> MintTokenInput:
+        """Admit `identity` (raises a typed refusal) and say which token to mint for them. `now` starts their
+        connection clock (grant issued, to in the room).
 
-        With `now`, the token expires no later than the session may last (`participant_token_ttl`); without it,
-        after PARTICIPANT_TOKEN_TTL, as sessions that started before the bound existed keep doing.
+        With `now` and `bounded_ttl`, the token expires no later than the session may last (`participant_token_ttl`);
+        otherwise after PARTICIPANT_TOKEN_TTL, as sessions that started before the bound existed keep doing.
         """
         self.check_join(identity)
+        if now is not None and identity not in self.people.present:
+            self.clock.granted_at.setdefault(identity, now)
         participant = self.spec.participant(identity)
         assert participant is not None
         self.people.admitted.add(identity)
@@ -652,7 +813,7 @@ class SessionMachine:
             identity=participant.identity,
             name=participant.name,
             role=participant.role,
-            ttl=PARTICIPANT_TOKEN_TTL if now is None else self.participant_token_ttl(now),
+            ttl=self.participant_token_ttl(now) if now is not None and bounded_ttl else PARTICIPANT_TOKEN_TTL,
         )
 
     def participant_token_ttl(self, now: datetime) -> timedelta:
@@ -663,6 +824,7 @@ class SessionMachine:
     def handle(self, event: Event, now: datetime) -> list[Command]:
         """Apply one event; return the commands it calls for (a status upsert first when the status moved)."""
         before = self.status
+        self.clock.last_now = now
         commands = self._dispatch(event, now)
         commands += self._maybe_close(now)
         if self.status is not before:
@@ -679,10 +841,15 @@ class SessionMachine:
                 self._expect_room(RoomPhase.DELETING, event)
                 self.room = Room(RoomPhase.GONE)
                 return []
-            case ParticipantJoined(identity, event_id):
-                return [] if self._seen_before(event_id) else self._on_joined(identity, now)
-            case ParticipantLeft(identity, event_id):
-                return [] if self._seen_before(event_id) else self._on_left(identity, now)
+            case ParticipantJoined(identity, event_id, sid, at):
+                if self._seen_before(event_id) or self._stale(identity, sid, at, joined=True):
+                    return []
+                return self._on_joined(identity, now)
+            case ParticipantLeft(identity, event_id, sid, at):
+                if self._seen_before(event_id) or self._stale(identity, sid, at, joined=False):
+                    return []
+                self._forget_connection(identity, now)
+                return self._on_left(identity, now)
             case RoomClosed(event_id):
                 if self._seen_before(event_id) or self.ending:
                     return []  # our own delete_room, echoed back by the webhook, or a duplicate
@@ -729,6 +896,11 @@ class SessionMachine:
                 return self._on_timer(now)
             case Consent() | RecordingBegan() | RecordingStartFailed() | RecordingStopped() | RecordingStopFailed():
                 return self._on_recording_event(event, now)
+            case (
+                TrackPublished() | TrackUnpublished() | QualityChanged() | AvatarFrozen() | RoomLost()
+                | PresenceObserved() | MonitorStopped()
+            ):
+                return self._on_monitor_event(event, now)
         raise UnexpectedEvent(f"unknown event {event!r}")
 
     def _seen_before(self, event_id: str | None) -> bool:
@@ -749,6 +921,8 @@ class SessionMachine:
 
     def _on_room_created(self, now: datetime) -> list[Command]:
         room = self._expect_room(RoomPhase.CREATING, RoomCreated())
+        if self.room_watch.lost_at is not None:
+            return self._on_room_recreated(room, now)
         self.room = Room(RoomPhase.LIVE)
         if room.delete_wanted or self.ending:
             return self._delete_room()
@@ -756,7 +930,7 @@ class SessionMachine:
         if self.people.joined:  # someone was reported in the room before its create was confirmed
             self.live_since = now
             self._refresh_status()
-        return self._maybe_request_avatar(now) + self._steer_recording()
+        return self._start_monitor() + self._maybe_request_avatar(now) + self._steer_recording()
 
     def _on_room_create_failed(self, detail: str, now: datetime) -> list[Command]:
         room = self._expect_room(RoomPhase.CREATING, RoomCreateFailed(detail))
@@ -783,6 +957,7 @@ class SessionMachine:
         return identity.startswith(avatar_identity_prefix(self.spec.session_id))
 
     def _on_joined(self, identity: str, now: datetime) -> list[Command]:
+        self._clock_joined(identity, now)
         if self._is_avatar(identity):
             if identity == self.avatar_identity and not self.ending:
                 self.avatar.present = True
@@ -869,6 +1044,7 @@ class SessionMachine:
         assert self.spec.avatar is not None and not self.avatar.start_in_flight
         self.avatar.starts += 1
         identity = avatar_identity_for(self.spec.session_id, self.avatar.starts)
+        self.clock.avatar_asked[identity] = now
         self.avatar.creating = identity
         return [
             CreateAvatarSession(
@@ -1116,6 +1292,220 @@ class SessionMachine:
             detail=rec.detail,
         )
 
+    # -- the room monitor ----------------------------------------------------------------------------------
+    #
+    # A hidden participant on the media task queue that reports what webhooks cannot: tracks, connection quality,
+    # a frozen avatar, a room that vanished, and who is really in the room after a gap. Its joins and leaves
+    # are the same events as the webhooks'; whichever comes first counts, the other changes nothing.
+
+    def enable_monitor(self) -> None:
+        """This session runs a room monitor once its room is live (the shell calls this behind a patch)."""
+        self.room_watch.enabled = True
+
+    def _start_monitor(self) -> list[Command]:
+        watch, spec = self.room_watch, self.spec
+        if not watch.enabled or watch.running or self.ending:
+            return []
+        watch.running = True
+        policy = spec.quality_policy
+        return [
+            StartMonitor(
+                MonitorInput(
+                    session_id=spec.session_id,
+                    workflow_id=spec.workflow_id,
+                    room=spec.room_name,
+                    avatar_identity_prefix=avatar_identity_prefix(spec.session_id),
+                    quality_sustain_s=policy.sustain.total_seconds(),
+                    avatar_frozen_after_s=policy.avatar_frozen_after.total_seconds(),
+                )
+            )
+        ]
+
+    def _stop_monitor(self) -> list[Command]:
+        return [CancelMonitor()] if self.room_watch.running else []
+
+    def _stale(self, identity: str, sid: str | None, at: datetime | None, *, joined: bool) -> bool:
+        """True if this join or leave is older news than what we already know about `identity`, whichever
+        source told us. A connection (`sid`) joins once and leaves once; between connections, time decides."""
+        watch = self.room_watch
+        last = watch.heard.get(identity)
+        if sid is not None:
+            gone = watch.gone_sids.setdefault(identity, set())
+            if not joined:
+                gone.add(sid)
+                if last is not None and last.joined and last.sid is not None and last.sid != sid:
+                    return True  # an earlier connection of theirs going, after a newer one came in
+            elif sid in gone:
+                return True  # a join of a connection that has already left
+            if last is not None and last.sid != sid and at is not None and at < last.at:
+                return True  # older news about another connection
+        elif at is not None and last is not None and at < last.at:
+            return True
+        if at is not None:
+            watch.heard[identity] = Heard(at, sid, joined)
+        return False
+
+    def _forget_connection(self, identity: str, now: datetime) -> None:
+        """They left: their connection's tracks, quality and degradation go with it (its quality time is kept)."""
+        self.room_watch.connection_lost_since.pop(identity, None)  # leaving has its own rule (reconnect grace)
+        self.clock.add_level_time(identity, now)
+        self.clock.level.pop(identity, None)
+        watch = self.room_watch
+        watch.tracks.pop(identity, None)
+        watch.quality.pop(identity, None)
+        watch.degraded.pop(identity, None)
+
+    def _on_monitor_event(self, event: Event, now: datetime) -> list[Command]:
+        match event:
+            case MonitorStopped(detail):
+                self.room_watch.running = False
+                if detail and not self.ending:
+                    self.recoveries.append(f"room monitor stopped: {detail}")
+                return []
+            case _ if self._seen_before(getattr(event, "event_id", None)):
+                return []
+            case TrackPublished(identity, track_sid, kind):
+                if self._is_ours(identity):
+                    self.room_watch.tracks.setdefault(identity, {})[track_sid] = kind
+                return []
+            case TrackUnpublished(identity, track_sid):
+                self.room_watch.tracks.get(identity, {}).pop(track_sid, None)
+                return []
+            case QualityChanged(identity, quality, detail):
+                return self._on_quality(identity, quality, detail, now)
+            case AvatarFrozen(identity, detail):
+                current = self.avatar.current
+                if self.ending or current is None or self.avatars[current].identity != identity:
+                    return []
+                return self._on_current_lost(current, f"the avatar's video froze: {detail}", now)
+            case RoomLost(detail):
+                return self._on_room_lost(detail, now)
+            case PresenceObserved(identities, at):
+                return self._on_presence(set(identities), at, now)
+        raise UnexpectedEvent(f"not a monitor event: {event!r}")
+
+    def _clock_joined(self, identity: str, now: datetime) -> None:
+        """Connection metrics: a person's first grant to the room; a reconnect; an avatar asked for to the room."""
+        clock = self.clock
+        if self._is_avatar(identity):
+            asked = clock.avatar_asked.pop(identity, None)
+            if asked is not None:
+                clock.avatar_join_s.append(round((now - asked).total_seconds(), 3))
+            return
+        if self.spec.participant(identity) is None or identity in self.people.present:
+            return
+        granted = clock.granted_at.pop(identity, None)
+        if granted is not None and identity not in clock.connect_s:
+            clock.connect_s[identity] = round((now - granted).total_seconds(), 3)
+        if identity in self.people.reconnect_by:
+            clock.reconnects[identity] = clock.reconnects.get(identity, 0) + 1
+
+    def _follow_candidate_connection(self, identity: str, quality: ConnectionLevel, now: datetime) -> None:
+        """The policy's clock for a candidate whose connection is lost (it runs only if the spec sets it)."""
+        participant = self.spec.participant(identity)
+        lost_for = self.spec.quality_policy.end_when_candidate_lost_for
+        since = self.room_watch.connection_lost_since
+        candidate = participant is not None and participant.role is Role.CANDIDATE
+        if quality is not ConnectionLevel.LOST or lost_for is None or not candidate:
+            since.pop(identity, None)
+        else:
+            since.setdefault(identity, now)
+
+    def _connection_deadlines(self) -> list[Deadline]:
+        lost_for = self.spec.quality_policy.end_when_candidate_lost_for
+        if lost_for is None:
+            return []
+        lost = sorted(self.room_watch.connection_lost_since.items())
+        return [Deadline(at + lost_for, f"connection lost: {who}") for who, at in lost]
+
+    def _connections_lost(self, now: datetime) -> list[Command]:
+        lost_for = self.spec.quality_policy.end_when_candidate_lost_for
+        if lost_for is None:
+            return []
+        gone = sorted(who for who, at in self.room_watch.connection_lost_since.items() if now >= at + lost_for)
+        if not gone:
+            return []
+        return self._end(
+            EndReason.PARTICIPANT_LOST, f"{', '.join(gone)}'s connection stayed lost for {_seconds(lost_for)}", now
+        )
+
+    def _is_ours(self, identity: str) -> bool:
+        return self.spec.participant(identity) is not None or self._is_avatar(identity)
+
+    def _on_quality(self, identity: str, quality: ConnectionLevel, detail: str | None, now: datetime) -> list[Command]:
+        """A human's sustained quality: a level the policy names degrades the session (who, why); better clears it."""
+        watch = self.room_watch
+        if self.ending or self.spec.participant(identity) is None or quality is ConnectionLevel.UNKNOWN:
+            return []
+        watch.quality[identity] = quality
+        self._follow_candidate_connection(identity, quality, now)
+        self.clock.add_level_time(identity, now)
+        self.clock.level[identity] = (quality, now)
+        if quality in self.spec.quality_policy.degrade_on and identity in self.people.present:
+            if identity not in watch.degraded or watch.degraded[identity].quality is not quality:
+                watch.degraded[identity] = Degradation(identity=identity, quality=quality, since=now, detail=detail)
+        elif watch.degraded.pop(identity, None) is not None:
+            self.recoveries.append(f"{identity}'s connection recovered ({quality.value})")
+        self._refresh_status()
+        return []
+
+    def _on_room_lost(self, detail: str, now: datetime) -> list[Command]:
+        """The room is gone while the session is live: re-create it, start a fresh avatar into it, and give
+        everyone who was in it their reconnect grace (they rejoin with a fresh grant, or are lost as usual)."""
+        watch, people = self.room_watch, self.people
+        if self.ending or self.room.phase is not RoomPhase.LIVE:
+            return []
+        watch.lost_at = now
+        self.room = Room(RoomPhase.CREATING)
+        self.recoveries.append(f"room lost at {now:%H:%M:%S} UTC ({detail}): re-creating it")
+        for identity in sorted(people.present):
+            people.reconnect_by[identity] = now + self.spec.reconnect_grace
+            self._forget_connection(identity, now)
+        people.present.clear()
+        commands: list[Command] = []
+        current = self.avatar.current
+        if current is not None:
+            commands += self._stop_avatar(current, "lost: its room vanished (LiveKit restarted)")
+            watch.avatar_after_room = True
+        self._refresh_status()
+        return [*commands, CreateRoom(self._room_request())]
+
+    def _on_room_recreated(self, room: Room, now: datetime) -> list[Command]:
+        watch = self.room_watch
+        assert watch.lost_at is not None
+        self.room = Room(RoomPhase.LIVE)
+        took = (now - watch.lost_at).total_seconds()
+        watch.lost_at = None
+        if room.delete_wanted or self.ending:
+            return self._delete_room()
+        self.recoveries.append(f"room re-created {took:.1f} s after it was lost")
+        self.clock.room_recovery_s.append(round(took, 3))
+        commands: list[Command] = []
+        if watch.avatar_after_room and not self.avatar.start_in_flight and not self.avatar.fallback:
+            watch.avatar_after_room = False
+            commands += self._create_avatar(now)
+        self._refresh_status()
+        return commands
+
+    def _on_presence(self, identities: set[str], at: datetime | None, now: datetime) -> list[Command]:
+        """Reconcile with who is really in the room: whoever left or came unseen (a gap) is caught up."""
+        if self.ending:
+            return []
+        commands: list[Command] = []
+        for identity in sorted(self.people.present - identities):
+            if not self._stale(identity, None, at, joined=False):
+                self._forget_connection(identity, now)
+                commands += self._on_left(identity, now)
+        for identity in sorted(identities - self.people.present):
+            if self.spec.participant(identity) is not None and not self._stale(identity, None, at, joined=True):
+                commands += self._on_joined(identity, now)
+        serving = self.avatar_identity if self.avatar.current else None
+        if serving is not None and serving in identities:
+            self.avatar.present = True
+        elif serving is not None and self.avatar.present:
+            commands += self._on_left(serving, now)
+        return commands
+
     # -- timers --------------------------------------------------------------------------------------------
 
     def _on_timer(self, now: datetime) -> list[Command]:
@@ -1125,7 +1515,7 @@ class SessionMachine:
             return self._end(EndReason.MAX_DURATION, None, now)
         if not self.people.joined and now >= self.no_show_deadline:
             return self._end(EndReason.NO_SHOW, "nobody joined before the no-show timeout", now)
-        commands = self._participants_lost(now)
+        commands = self._participants_lost(now) + self._connections_lost(now)
         if self.ending:
             return commands
         plan = self.avatar
@@ -1151,7 +1541,8 @@ class SessionMachine:
             and plan.requested
             and (plan.fallback or plan.retry_at is not None or (plan.current is None and plan.problem is not None))
         )
-        self.status = SessionStatus.DEGRADED if avatar_down or self.people.reconnect_by else SessionStatus.LIVE
+        troubled = avatar_down or self.people.reconnect_by or self.room_watch.troubled
+        self.status = SessionStatus.DEGRADED if troubled else SessionStatus.LIVE
 
     def _end(self, reason: EndReason, detail: str | None, now: datetime) -> list[Command]:
         if self.ending:
@@ -1164,12 +1555,12 @@ class SessionMachine:
         return self._steer_recording() + self._release_all()
 
     def _release_all(self) -> list[Command]:
-        stops: list[Command] = []
+        stops: list[Command] = self._stop_monitor()  # it leaves the room before the room is deleted
         for avatar_id in list(self.avatars):
             stops += self._stop_avatar(avatar_id, self._session_ended_reason())
         # Every keep-alive is told to stop before any stop goes out.
-        cancels = [c for c in stops if isinstance(c, CancelKeepAlive)]
-        return cancels + [c for c in stops if not isinstance(c, CancelKeepAlive)] + self._delete_room()
+        cancels = [c for c in stops if isinstance(c, CancelKeepAlive | CancelMonitor)]
+        return cancels + [c for c in stops if not isinstance(c, CancelKeepAlive | CancelMonitor)] + self._delete_room()
 
     def _session_ended_reason(self) -> str:
         assert self.ending is not None
@@ -1227,6 +1618,11 @@ class SessionMachine:
             end_detail=(self.ending.detail if self.ending else None) or plan.problem,
             avatar_billing=self.avatar_billing(),
             recording=self.recording_report(),
+            degraded=list(self.room_watch.degraded.values()),
+            quality=dict(sorted(self.room_watch.quality.items())),
+            tracks={who: sorted(t.values()) for who, t in sorted(self.room_watch.tracks.items()) if t},
+            monitored=self.room_watch.running,
+            handoff=self.clock.report(self.clock.last_now),
         )
 
     def outcome(self) -> SessionOutcome:
@@ -1246,6 +1642,7 @@ class SessionMachine:
             participants_joined=list(self.people.joined),
             avatar_billing=self.avatar_billing(),
             recording=self.recording_report(),
+            handoff=self.clock.report(self.ending.decided_at),
         )
 
 

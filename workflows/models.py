@@ -110,6 +110,16 @@ class Participant(Strict):
         return v
 
 
+class ConnectionLevel(StrEnum):
+    """LiveKit's connection quality of one participant, as the monitor receives it."""
+
+    EXCELLENT = "excellent"
+    GOOD = "good"
+    POOR = "poor"
+    LOST = "lost"
+    UNKNOWN = "unknown"
+
+
 class AvatarStart(StrEnum):
     ON_FIRST_JOIN = "on_first_join"  # saves credits: nobody to talk to, nothing billed
     IMMEDIATELY = "immediately"
@@ -141,6 +151,26 @@ class RecordingSpec(Strict):
     participants: Annotated[list[Identity], Field(min_length=1, max_length=50)]
 
 
+class QualityPolicy(Strict):
+    """What a human participant's connection quality means for the session (the room monitor measures it)."""
+
+    # A level must hold this long before it counts (a blip is not a problem).
+    sustain: Annotated[timedelta, Field(ge=timedelta(0), le=timedelta(minutes=5))] = timedelta(seconds=5)
+    # These levels mark the session degraded, naming who and why; a better level clears it.
+    degrade_on: Annotated[list[ConnectionLevel], Field(max_length=4)] = [ConnectionLevel.POOR, ConnectionLevel.LOST]
+    # The avatar's video published but no frame for this long: the avatar is replaced (its usual recovery).
+    avatar_frozen_after: Annotated[timedelta, Field(ge=timedelta(seconds=2), le=timedelta(minutes=5))] = timedelta(seconds=6)
+    # A candidate whose connection stays lost this long ends the session (reason participant_lost); None: never.
+    end_when_candidate_lost_for: Annotated[timedelta, Field(ge=timedelta(seconds=5), le=timedelta(hours=1))] | None = None
+
+
+# Per session kind when the spec names no policy: an interview degrades on poor quality, coaching only on lost.
+DEFAULT_QUALITY: dict[SessionKind, QualityPolicy] = {
+    SessionKind.INTERVIEW: QualityPolicy(),
+    SessionKind.COACHING: QualityPolicy(sustain=timedelta(seconds=10), degrade_on=[ConnectionLevel.LOST]),
+}
+
+
 class SessionSpec(Strict):
     """Everything a session needs to know, fixed when it starts."""
 
@@ -163,6 +193,7 @@ class SessionSpec(Strict):
     metadata: dict[Annotated[str, StringConstraints(max_length=64)], Annotated[str, StringConstraints(max_length=1024)]] = {}
     # None: the session is never recorded (and `consent` is refused).
     recording: RecordingSpec | None = None
+    quality: QualityPolicy | None = None  # None: the default of the session's kind (DEFAULT_QUALITY)
 
     @model_validator(mode="after")
     def _consistent(self) -> SessionSpec:
@@ -199,6 +230,10 @@ class SessionSpec(Strict):
     def participant(self, identity: str) -> Participant | None:
         return next((p for p in self.participants if p.identity == identity), None)
 
+    @property
+    def quality_policy(self) -> QualityPolicy:
+        return self.quality or DEFAULT_QUALITY[self.kind]
+
 
 class JoinRequest(Strict):
     identity: Identity
@@ -234,14 +269,40 @@ class RoomEventKind(StrEnum):
     PARTICIPANT_JOINED = "participant_joined"
     PARTICIPANT_LEFT = "participant_left"
     ROOM_FINISHED = "room_finished"
+    # From the room monitor only (webhooks carry no quality, frames or presence).
+    TRACK_PUBLISHED = "track_published"
+    TRACK_UNPUBLISHED = "track_unpublished"
+    QUALITY_CHANGED = "quality_changed"  # a level that outlasted the monitor's debounce window
+    AVATAR_FROZEN = "avatar_frozen"  # the avatar's video is published but no frame came for a while
+    ROOM_LOST = "room_lost"  # the room vanished without a webhook (LiveKit restarted)
+    PRESENCE = "presence"  # who is really in the room, after any gap in what the monitor saw
+
+
+class RoomEventSource(StrEnum):
+    WEBHOOK = "webhook"
+    MONITOR = "monitor"
+
+
+EventText = Annotated[str, StringConstraints(max_length=200)]
 
 
 class RoomEvent(Strict):
-    """A room happening, from the LiveKit webhook receiver (or, later, the room monitor). Deduplicated by id."""
+    """A room happening, from the LiveKit webhook receiver or the room monitor: one stream, deduplicated by id.
+
+    `sid` (the participant's connection) and `at` (when it happened) let the session ignore an event that
+    arrives after a later one about the same person (a webhook retried after the monitor saw them leave)."""
 
     event_id: Annotated[str, StringConstraints(min_length=1, max_length=128)]
     kind: RoomEventKind
     identity: str | None = None
+    source: RoomEventSource = RoomEventSource.WEBHOOK
+    sid: Annotated[str, StringConstraints(max_length=64)] | None = None
+    at: datetime | None = None
+    track_sid: Annotated[str, StringConstraints(max_length=64)] | None = None
+    track_kind: Annotated[str, StringConstraints(max_length=16)] | None = None
+    quality: ConnectionLevel | None = None
+    detail: EventText | None = None
+    present: Annotated[list[str], Field(max_length=200)] | None = None  # PRESENCE: every identity in the room
 
 
 # ---- activity inputs and outputs -------------------------------------------------------------------------
@@ -293,6 +354,22 @@ class StartRecordingInput(Strict):
 
 class RecordingStarted(Strict):
     egress_id: str
+
+
+def monitor_identity_for(session_id: str) -> str:
+    """The room monitor's identity: one per session, so a retried monitor replaces a leftover one."""
+    return f"monitor-{session_id}"
+
+
+class MonitorInput(Strict):
+    """What the room monitor needs: which room, whose workflow to tell, what counts as a change."""
+
+    session_id: str
+    workflow_id: str
+    room: str
+    avatar_identity_prefix: str
+    quality_sustain_s: float
+    avatar_frozen_after_s: float
 
 
 # ---- what the outside reads ------------------------------------------------------------------------------
@@ -349,6 +426,37 @@ class RecordingReport(BaseModel):
     detail: str | None  # why it is unavailable, or why a stop failed
 
 
+class Degradation(BaseModel):
+    """Why the session is degraded because of one participant's connection (from the room monitor)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    identity: str
+    quality: ConnectionLevel
+    since: datetime
+    detail: str | None = None
+
+
+class ParticipantHandoff(BaseModel):
+    """How one participant's connection went (what a hand-off to support or a backend needs)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    connect_s: float | None = None  # their first grant issued, to them in the room
+    reconnects: int = 0
+    quality_s: dict[ConnectionLevel, float] = Field(default_factory=dict)  # seconds at each sustained level
+
+
+class Handoff(BaseModel):
+    """The session's connection metrics."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    participants: dict[str, ParticipantHandoff] = Field(default_factory=dict)
+    avatar_join_s: list[float] = Field(default_factory=list)  # each avatar session: asked for, to in the room
+    room_recovery_s: list[float] = Field(default_factory=list)  # each lost room: lost, to re-created
+
+
 class SessionState(BaseModel):
     """The `state` query: what support sees when they ask "what is this session doing?"."""
 
@@ -375,6 +483,12 @@ class SessionState(BaseModel):
     avatar_billing: list[AvatarBilling] = Field(default_factory=list)
     # None: the session is not recorded. A default, so a state from a worker that predates it still parses.
     recording: RecordingReport | None = None
+    # From the room monitor (defaults, so a state from a worker that predates it still parses).
+    degraded: list[Degradation] = Field(default_factory=list)  # who makes the session degraded, and why
+    quality: dict[str, ConnectionLevel] = Field(default_factory=dict)  # last sustained level per participant
+    tracks: dict[str, list[str]] = Field(default_factory=dict)  # published track kinds per participant
+    monitored: bool = False  # a room monitor is running for this session
+    handoff: Handoff = Field(default_factory=Handoff)
 
 
 class SessionOutcome(BaseModel):
@@ -399,3 +513,4 @@ class SessionOutcome(BaseModel):
     avatar_billing: list[AvatarBilling] = Field(default_factory=list)
     # The recording and every consent event (None: not recorded). A default, for outcomes recorded before it.
     recording: RecordingReport | None = None
+    handoff: Handoff = Field(default_factory=Handoff)  # connection metrics (default: outcomes recorded before)

@@ -27,10 +27,12 @@ with workflow.unsafe.imports_passed_through():
         AvatarCreated,
         AvatarCreateFailed,
         AvatarEnded,
+        AvatarFrozen,
         AvatarStarted,
         AvatarStartFailed,
         AvatarStopped,
         CancelKeepAlive,
+        CancelMonitor,
         CancelRequested,
         Command,
         Consent,
@@ -44,10 +46,13 @@ with workflow.unsafe.imports_passed_through():
         Failed,
         KeepAliveStopped,
         KeepAvatarAlive,
+        MonitorStopped,
         ParticipantJoined,
         ParticipantLeft,
+        PresenceObserved,
         PublishAvatarSessions,
         PublishStatus,
+        QualityChanged,
         RecordingBegan,
         RecordingStartFailed,
         RecordingStopFailed,
@@ -57,12 +62,16 @@ with workflow.unsafe.imports_passed_through():
         RoomCreated,
         RoomCreateFailed,
         RoomDeleted,
+        RoomLost,
         SessionMachine,
         StartAvatarSession,
+        StartMonitor,
         StartRecording,
         StopAvatarSession,
         StopRecording,
         TimerFired,
+        TrackPublished,
+        TrackUnpublished,
     )
     from workflows.metrics import SessionMetrics
     from workflows.models import AvatarCreated as AvatarCreatedResult
@@ -74,6 +83,7 @@ with workflow.unsafe.imports_passed_through():
         ExtendRequest,
         JoinGrant,
         JoinRequest,
+        MonitorInput,
         RecordingStarted,
         RoomEvent,
         RoomEventKind,
@@ -109,6 +119,12 @@ PATCH_LOCAL_TOKEN = "local-token"  # a join's token is minted by a local activit
 PATCH_TOKEN_TTL_WITHIN_SESSION = "token-ttl-within-session"  # a participant's token expires by the hard cap + grace
 # The status upsert also sets SessionDegraded, SessionEndReason and AvatarBilledSeconds.
 PATCH_SUPPORT_SEARCH_ATTRIBUTES = "support-search-attributes"
+PATCH_ROOM_MONITOR = "room-monitor"  # a room monitor (media task queue) reports tracks, quality, room loss
+
+# The room monitor: its worker's death shows within this. Its task queue is the starter's choice (this memo key;
+# an empty or missing one runs no monitor, e.g. time-skipping tests, where a long activity would stop the clock).
+MONITOR_HEARTBEAT = timedelta(seconds=5)
+MEDIA_QUEUE_MEMO = "media_task_queue"
 
 
 class Bug(RuntimeError):
@@ -123,6 +139,7 @@ class SessionWorkflow:
         self._spec = spec
         self._machine = SessionMachine(spec, started_at=workflow.now())
         self._keepalives: dict[str, asyncio.Task[None]] = {}  # avatar session id -> its keep-alive
+        self._monitor: asyncio.Task[None] | None = None
         self._bug: BaseException | None = None
         self._metrics = SessionMetrics(spec.kind.value)
 
@@ -164,6 +181,8 @@ class SessionWorkflow:
 
     async def _live(self) -> None:
         """Run until the machine decides the session ends, waking it at each deadline it names."""
+        if workflow.patched(PATCH_ROOM_MONITOR) and self._media_task_queue():
+            self._machine.enable_monitor()
         self._execute(self._machine.begin())
         workflow.set_current_details(current_details(self._machine.state()))
         while not self._machine.ending:
@@ -273,6 +292,11 @@ class SessionWorkflow:
                         lambda: AvatarStopped(avatar_id), None,
                         start_to_close_timeout=timedelta(seconds=30), retry_policy=FOREVER,
                     ))
+                case StartMonitor(request):
+                    self._monitor = self._spawn(self._run_monitor(request))
+                case CancelMonitor():
+                    assert self._monitor is not None, "the machine cancels only a monitor it started"
+                    self._monitor.cancel()
 
     def _spawn(self, work: Awaitable[None]) -> asyncio.Task[None]:
         """Run `work` beside the main loop (a workflow cancel does not reach it; see `_cleanup_despite_cancel`).
@@ -373,14 +397,45 @@ class SessionWorkflow:
             del self._keepalives[avatar_id]
         self._apply(KeepAliveStopped(avatar_id))
 
+    @staticmethod
+    def _media_task_queue() -> str:
+        """Where the room monitor runs: the starter names it in the memo; none named, no monitor."""
+        return str(workflow.memo_value(MEDIA_QUEUE_MEMO, ""))
+
+    async def _run_monitor(self, request: MonitorInput) -> None:
+        """The room monitor, on the media task queue, until cancelled. A dead media worker misses a heartbeat
+        and the monitor is retried on another, resuming from its last heartbeat."""
+        detail: str | None = None
+        try:
+            await workflow.execute_activity(
+                "monitor_room",
+                request,
+                task_queue=self._media_task_queue(),
+                start_to_close_timeout=self._spec.max_duration_cap + timedelta(minutes=10),
+                heartbeat_timeout=MONITOR_HEARTBEAT,
+                retry_policy=KEEPALIVE,
+                # It only watches: the session never waits for it to leave (the room's deletion ends it anyway).
+                cancellation_type=ActivityCancellationType.TRY_CANCEL,
+                summary=f"monitor room {request.room}",
+            )
+            detail = "the monitor returned on its own"
+        except asyncio.CancelledError:
+            pass  # cancelled at the end
+        except ActivityError as e:
+            if not is_cancelled_exception(e):
+                detail = _describe(e)
+        self._apply(MonitorStopped(detail))
+
     # ---- updates, signals, queries ----------------------------------------------------------------------------
 
     @workflow.update
     async def join(self, request: JoinRequest) -> JoinGrant:
         """Admit a participant of the roster and hand back their grant, once the room exists."""
         await workflow.wait_condition(lambda: self._machine.join_decidable)
-        now = workflow.now() if workflow.patched(PATCH_TOKEN_TTL_WITHIN_SESSION) else None
-        token_request = self._ask(lambda: self._machine.admit(request.identity, now))
+        # `now` starts the participant's connection clock; the token's lifetime is bounded by it only in sessions
+        # that started after the bound existed.
+        bounded = workflow.patched(PATCH_TOKEN_TTL_WITHIN_SESSION)
+        token_request = self._ask(lambda: self._machine.admit(request.identity, workflow.now(), bounded_ttl=bounded))
         summary = f"token for {request.identity} ({token_request.role})"
         if workflow.patched(PATCH_LOCAL_TOKEN):
             # Signing a token is a few milliseconds of local work: as a local activity it runs inside this workflow
@@ -441,14 +496,18 @@ class SessionWorkflow:
 
     @workflow.signal
     def room_event(self, event: RoomEvent) -> None:
-        """A room happening (LiveKit webhook receiver); the machine ignores duplicates and late arrivals."""
+        """A room happening (LiveKit webhooks and the room monitor); the machine ignores duplicates and stale news."""
         match event.kind:
             case RoomEventKind.PARTICIPANT_JOINED if event.identity:
-                self._apply(ParticipantJoined(event.identity, event.event_id))
+                self._apply(ParticipantJoined(event.identity, event.event_id, event.sid, event.at))
             case RoomEventKind.PARTICIPANT_LEFT if event.identity:
-                self._apply(ParticipantLeft(event.identity, event.event_id))
+                self._apply(ParticipantLeft(event.identity, event.event_id, event.sid, event.at))
             case RoomEventKind.ROOM_FINISHED:
                 self._apply(RoomClosed(event.event_id))
+            case _:
+                monitor_event = _monitor_event(event)
+                if monitor_event is not None:
+                    self._apply(monitor_event)
 
     @workflow.query
     def state(self) -> SessionState:
@@ -472,6 +531,9 @@ def current_details(state: SessionState) -> str:
     ]
     if state.reconnecting:
         lines.append(f"reconnecting: {', '.join(state.reconnecting)}")
+    for why in state.degraded:
+        detail = f" ({why.detail})" if why.detail else ""
+        lines.append(f"connection {why.quality.value}: {why.identity} since {why.since:%H:%M:%S}{detail}")
     if state.avatar_fallback:
         lines.append("continuing without the avatar")
     if state.recoveries:
@@ -493,6 +555,24 @@ def _status_attributes(command: PublishStatus) -> list[SearchAttributeUpdate[Any
         if command.end_reason is not None:
             updates.append(SESSION_END_REASON.value_set(command.end_reason.value))
     return updates
+
+
+def _monitor_event(event: RoomEvent) -> Event | None:
+    """The machine event for one of the room monitor's signals (None: one that lacks what it needs)."""
+    match event:
+        case RoomEvent(kind=RoomEventKind.TRACK_PUBLISHED, identity=str(who), track_sid=str(track)):
+            return TrackPublished(who, track, event.track_kind or "unknown", event.event_id)
+        case RoomEvent(kind=RoomEventKind.TRACK_UNPUBLISHED, identity=str(who), track_sid=str(track)):
+            return TrackUnpublished(who, track, event.event_id)
+        case RoomEvent(kind=RoomEventKind.QUALITY_CHANGED, identity=str(who), quality=quality) if quality is not None:
+            return QualityChanged(who, quality, event.detail, event.event_id)
+        case RoomEvent(kind=RoomEventKind.AVATAR_FROZEN, identity=str(who)):
+            return AvatarFrozen(who, event.detail or "no video frames", event.event_id)
+        case RoomEvent(kind=RoomEventKind.ROOM_LOST):
+            return RoomLost(event.detail or "the room vanished", event.event_id)
+        case RoomEvent(kind=RoomEventKind.PRESENCE, present=list(present)):
+            return PresenceObserved(tuple(present), event.at, event.event_id)
+    return None
 
 
 def _refuse(r: Refusal) -> NoReturn:

@@ -13,7 +13,7 @@ from typing import Any
 import jwt
 from livekit import rtc
 
-from sandbox.media import join_room
+from sandbox.media import SyntheticMedia, join_room
 
 from .schemas import LiveKitConfig
 
@@ -57,6 +57,11 @@ class Avatar:
         self._joined = asyncio.Event()
         self._leave = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._media = SyntheticMedia()
+
+    def freeze(self) -> None:
+        """Its video stops (the track stays published): what a stuck renderer looks like from the room."""
+        self._media.freeze_video()
 
     @property
     def present(self) -> bool:
@@ -99,8 +104,9 @@ class Avatar:
     async def _run(self) -> None:
         options = rtc.RoomOptions(connect_timeout=self._join_timeout_s)
         async with join_room(
-            self._livekit.livekit_url, self._livekit.livekit_client_token, publish_media=True, options=options
+            self._livekit.livekit_url, self._livekit.livekit_client_token, publish_media=False, options=options
         ) as room:
+            await self._media.start(room)
             self._room = room
             # Being removed or the room being deleted ends the participant too.
             room.on("disconnected", lambda *_: self._leave.set())
@@ -109,3 +115,4 @@ class Avatar:
                 await self._leave.wait()
             finally:
                 self._room = None
+                await self._media.stop(unpublish=False)  # leaving the room unpublishes

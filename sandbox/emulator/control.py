@@ -79,6 +79,15 @@ async def crash_avatar(session_id: uuid.UUID, emulator: Emulator) -> JSONRespons
     return ok(session.control_view())
 
 
+@router.post("/sessions/{session_id}/freeze")
+async def freeze_avatar(session_id: uuid.UUID, emulator: Emulator) -> JSONResponse:
+    """The avatar stays in the room with its video published, but no frame comes any more."""
+    session = _session(emulator, session_id)
+    if session.avatar is not None:
+        session.avatar.freeze()
+    return ok(session.control_view())
+
+
 @router.post("/sessions/{session_id}/end")
 async def end_session(
     session_id: uuid.UUID, emulator: Emulator, body: Annotated[EndRequest | None, Body()] = None

@@ -126,6 +126,7 @@ class WorkerPool:
         self.env = {**env, "SESSIONFLOW_TASK_QUEUE": TASK_QUEUE, "SESSIONFLOW_METRICS_PORT": "0"}
         self.log_dir = log_dir
         self.procs: list[WorkerProc] = []
+        self.media: list[subprocess.Popen[bytes]] = []  # `python -m workers --media`: the room monitors
         self.kills = 0
 
     @property
@@ -169,8 +170,33 @@ class WorkerPool:
         await bounded(f"worker {worker.n} to die after SIGKILL", asyncio.to_thread(worker.popen.wait), 10)
         self.kills += 1
 
+    async def start_media(self) -> subprocess.Popen[bytes]:
+        """A media worker (room monitors) beside the pool, until `stop_media` (or `stop_all`)."""
+        log_path = self.log_dir / f"media-{len(self.media) + 1}.log"
+        with log_path.open("wb") as log:
+            popen = subprocess.Popen(
+                [sys.executable, "-m", "workers", "--media"], cwd=REPO_ROOT, env=self.env, stdin=subprocess.DEVNULL,
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        self.media.append(popen)
+        await eventually(lambda: "media worker started" in log_path.read_text(errors="replace"),
+                         what=f"the media worker to start ({log_path})", timeout=30)
+        return popen
+
+    def stop_media(self) -> None:
+        for popen in self.media:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(popen.pid, signal.SIGTERM)
+            try:
+                popen.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(popen.pid, signal.SIGKILL)
+                popen.wait()
+        self.media.clear()
+
     def stop_all(self) -> None:
         """SIGTERM (graceful hand-over), then SIGKILL whatever is still there after 15 s."""
+        self.stop_media()
         for w in self.alive:
             with contextlib.suppress(ProcessLookupError):  # exited since `alive` looked
                 os.killpg(w.popen.pid, signal.SIGTERM)

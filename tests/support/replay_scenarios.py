@@ -13,7 +13,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from temporalio import activity
@@ -27,10 +27,13 @@ from starters.client import SessionClient, SessionEnded
 from tests.support.polling import eventually
 from tests.support.worlds import Outcome, ScriptedWorld, StubWorld
 from workflows.models import (
+    ConnectionLevel,
+    MonitorInput,
     RecordingStarted,
     RecordingStatus,
     RoomEvent,
     RoomEventKind,
+    RoomEventSource,
     SessionOutcome,
     SessionSpec,
     StartRecordingInput,
@@ -61,10 +64,12 @@ class Rig:
     task_queue: str = field(default_factory=lambda: f"replay-{uuid.uuid4()}")
     worker: Worker | None = None
     running: asyncio.Task[None] | None = None
+    media_task_queue: str = ""  # none: no room monitor (a long-running activity stops the time-skipping clock)
 
     @property
     def sessions(self) -> SessionClient:
-        return SessionClient(self.env.client, Settings(), task_queue=self.task_queue)
+        settings = Settings(media_task_queue=self.media_task_queue)
+        return SessionClient(self.env.client, settings, task_queue=self.task_queue)
 
     def start_worker(self) -> None:
         self.worker = Worker(
@@ -387,11 +392,96 @@ async def _closed(handle: Handle) -> None:
     await eventually(closed, what="the session to close", timeout=30)
 
 
+# ---- the room monitor (v4): the monitor's own activity is a stub on a media queue; its reports are signals --------
+
+
+@activity.defn(name="monitor_room")
+async def stub_monitor(inp: MonitorInput) -> None:
+    """Stands in for the room monitor: heartbeats until cancelled (what it reports, the scenario signals)."""
+    while True:
+        activity.heartbeat()
+        await asyncio.sleep(0.2)
+
+
+@asynccontextmanager
+async def monitored_rig(env: WorkflowEnvironment, world: StubWorld | ScriptedWorld) -> AsyncIterator[Rig]:
+    media_queue = f"media-{uuid.uuid4()}"
+    async with Worker(env.client, task_queue=media_queue, activities=[stub_monitor]), rig(env, world) as r:
+        r.media_task_queue = media_queue
+        yield r
+
+
+async def tell(handle: Handle, kind: RoomEventKind, identity: str | None = None, **fields: Any) -> None:
+    """A report of the room monitor."""
+    event = RoomEvent(event_id=f"mon:{uuid.uuid4().hex}", kind=kind, identity=identity, source=RoomEventSource.MONITOR,
+                      at=datetime.now(UTC), **fields)
+    await handle.signal(SessionWorkflow.room_event, event)
+
+
+async def monitor_quality_and_tracks(env: WorkflowEnvironment) -> Handle:
+    """Joins told by both sources, tracks, a sustained poor connection (degraded) and its recovery, presence."""
+    async with monitored_rig(env, StubWorld()) as r:
+        s = spec("monitor-quality")
+        handle = await r.sessions.start(s)
+        await r.state_is(s, lambda st: st.monitored, "the monitor to start")
+        await r.sessions.join_running(s.session_id, "cand")
+        await tell(handle, RoomEventKind.PARTICIPANT_JOINED, "cand", sid="PA_1")
+        await handle.signal(SessionWorkflow.room_event, RoomEvent(
+            event_id="EV_join", kind=RoomEventKind.PARTICIPANT_JOINED, identity="cand", sid="PA_1",
+            at=datetime.now(UTC) - timedelta(seconds=1)))  # the webhook of the same join: nothing new
+        await tell(handle, RoomEventKind.TRACK_PUBLISHED, "cand", track_sid="TR_a", track_kind="audio")
+        await tell(handle, RoomEventKind.QUALITY_CHANGED, "cand", quality=ConnectionLevel.POOR, detail="loss 12.0%")
+        await r.state_is(s, lambda st: st.status == "degraded" and st.degraded, "degraded by cand's connection")
+        await tell(handle, RoomEventKind.QUALITY_CHANGED, "cand", quality=ConnectionLevel.GOOD)
+        await r.state_is(s, lambda st: st.status == "live", "recovered")
+        await tell(handle, RoomEventKind.PRESENCE, present=["cand"])
+        await tell(handle, RoomEventKind.TRACK_UNPUBLISHED, "cand", track_sid="TR_a")
+        await r.sessions.end(s.session_id, "interview over")
+        await handle.result()
+        return handle
+
+
+async def monitor_room_lost(env: WorkflowEnvironment) -> Handle:
+    """LiveKit restarted: the room is re-created, a fresh avatar started into it, the candidate rejoins."""
+    async with monitored_rig(env, StubWorld()) as r:
+        s = spec("room-lost", avatar={"avatar_id": AVATAR})
+        handle = await r.sessions.start(s)
+        await r.sessions.join_running(s.session_id, "cand")
+        await tell(handle, RoomEventKind.PARTICIPANT_JOINED, "cand", sid="PA_1")
+        await r.state_is(s, lambda st: st.avatar_session_id is not None and st.status == "live", "the avatar live")
+        await tell(handle, RoomEventKind.ROOM_LOST, detail="the room is missing on LiveKit")
+        await r.state_is(s, lambda st: any("re-created" in x for x in st.recoveries), "the room re-created")
+        await r.sessions.join_running(s.session_id, "cand")
+        await tell(handle, RoomEventKind.PARTICIPANT_JOINED, "cand", sid="PA_2")
+        await r.state_is(s, lambda st: len(st.avatar_billing) == 2 and st.status == "live", "a fresh avatar, live")
+        await r.sessions.end(s.session_id, "interview over")
+        await handle.result()
+        return handle
+
+
+async def monitor_avatar_frozen(env: WorkflowEnvironment) -> Handle:
+    """The avatar's video froze: it is replaced as any lost avatar."""
+    async with monitored_rig(env, ScriptedWorld(settle=True)) as r:
+        s = spec("frozen", avatar={"avatar_id": AVATAR, "replace_backoff": "PT1S"})
+        handle = await r.sessions.start(s)
+        await r.sessions.join_running(s.session_id, "cand")
+        await tell(handle, RoomEventKind.PARTICIPANT_JOINED, "cand", sid="PA_1")
+        await r.state_is(s, lambda st: st.avatar_identity is not None and st.status == "live", "the avatar live")
+        state = await r.sessions.state(s.session_id)
+        await tell(handle, RoomEventKind.AVATAR_FROZEN, state.avatar_identity, detail="no video frame for 6 s")
+        await r.state_is(s, lambda st: any("replacement 1" in x for x in st.recoveries) and st.status == "live",
+                         "the replacement avatar")
+        await r.sessions.end(s.session_id, "interview over")
+        await handle.result()
+        return handle
+
+
 SCENARIOS: dict[str, Callable[[WorkflowEnvironment], Awaitable[Handle]]] = {
     f.__name__: f
     for f in (
         interview_happy_path, coaching_happy_path, avatar_crash_and_replacement, avatar_rotation, participant_lost,
         no_show, max_duration, extend, end_during_avatar_start, cancel, terminate_live, worker_killed_mid_start,
         livekit_down, room_create_fails, cancel_after_end, consent_recording, consent_recording_refused,
+        monitor_quality_and_tracks, monitor_room_lost, monitor_avatar_frozen,
     )
 }

@@ -55,4 +55,5 @@ async def sessions(time_skipping_env: WorkflowEnvironment, world: StubWorld) -> 
         activities=world.all(),
         max_heartbeat_throttle_interval=timedelta(seconds=1),
     ):
-        yield SessionClient(time_skipping_env.client, Settings(), task_queue=task_queue)
+        # No room monitor: a long-running activity would stop the time-skipping clock (monitor events are signals).
+        yield SessionClient(time_skipping_env.client, Settings(media_task_queue=""), task_queue=task_queue)

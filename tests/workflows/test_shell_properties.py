@@ -2,14 +2,16 @@
 scripted outside world, driven through random interleavings of what can happen to a session.
 
 Hypothesis draws a story: joins (updates, left running in the background), webhooks (joined, left, the
-avatar leaving, the room finishing, duplicates), answers to the activities the session is waiting on (in
+avatar leaving, the room finishing, duplicates), the room monitor's reports (tracks, quality levels, a frozen
+avatar, who is in the room, the room lost and LiveKit forgetting it), answers to the activities the session is waiting on (in
 any order: succeed, fail for good, fail and be retried, reach the service then fail, an avatar ending on
 LiveAvatar's side), extend, end, cancel, terminate, and worker restarts (the next worker replays the
 history). Then the session is ended if nothing ended it, the world answers everything, and we check what a
 user relies on:
 
 - every room and avatar session that came to exist is released, exactly once (one release command each,
-  whatever its retries), and nothing is left at the services;
+  whatever its retries), and nothing is left at the services; a room is created again only after it was lost;
+  the room monitor stops with the session;
 - no avatar session is stopped before its start settled; no room is deleted before its create landed; no
   token is minted for a room that does not exist;
 - every update gets an answer: a grant, an outcome, or a typed refusal, never a hang or an untyped error;
@@ -26,12 +28,13 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
+from temporalio import activity
 from temporalio.client import WorkflowExecutionStatus, WorkflowHandle
 from temporalio.service import RPCError, RPCStatusCode
 from temporalio.testing import WorkflowEnvironment
@@ -43,7 +46,17 @@ from tests.support.binaries import venv_binary
 from tests.support.polling import eventually
 from tests.support.worlds import OUTCOMES, ScriptedWorld
 from workers.temporal import data_converter
-from workflows.models import JoinGrant, RoomEvent, RoomEventKind, SessionOutcome, SessionSpec, SessionState
+from workflows.models import (
+    ConnectionLevel,
+    JoinGrant,
+    MonitorInput,
+    RoomEvent,
+    RoomEventKind,
+    RoomEventSource,
+    SessionOutcome,
+    SessionSpec,
+    SessionState,
+)
 from workflows.search_attributes import AVATAR_SESSION_ID, SEARCH_ATTRIBUTES
 from workflows.session import SessionWorkflow
 
@@ -78,7 +91,9 @@ def spec_for(variant: str) -> SessionSpec:
 
 # How often each step comes up: mostly the world answering and people coming and going; ending steps rare.
 STEPS = {"answer": 12, "join": 4, "joined": 4, "left": 2, "avatar_left": 1, "room_finished": 1, "duplicate": 1,
-         "extend": 1, "restart_worker": 1, "end": 1, "cancel": 1, "terminate": 1}
+         "extend": 1, "restart_worker": 1, "end": 1, "cancel": 1, "terminate": 1, "monitor": 3, "room_lost": 1}
+MONITOR_REPORTS = [RoomEventKind.TRACK_PUBLISHED, RoomEventKind.QUALITY_CHANGED, RoomEventKind.AVATAR_FROZEN,
+                   RoomEventKind.PRESENCE]
 STEP = st.sampled_from([name for name, weight in STEPS.items() for _ in range(weight)])
 # Refusals a caller may legitimately get; anything else from an update is a failure of the test.
 TYPED_ANSWERS = (SessionEnded, SessionCancelled, RoomFull, ExtendBeyondCap)
@@ -99,6 +114,20 @@ class Story:
     updates: list[tuple[str, asyncio.Task[Any]]] = field(default_factory=list)
     events: list[RoomEvent] = field(default_factory=list)
     terminated: bool = False
+    rooms_lost: int = 0
+    monitors: set[str] = field(default_factory=set)  # room monitor runs (attempts) going on right now
+
+    @activity.defn(name="monitor_room")
+    async def monitor_room(self, inp: MonitorInput) -> None:
+        """The room monitor, as a stub that heartbeats until cancelled; its reports are the story's steps."""
+        run = f"{inp.room}#{activity.info().attempt}"
+        self.monitors.add(run)
+        try:
+            while True:
+                activity.heartbeat()
+                await asyncio.sleep(0.1)
+        finally:
+            self.monitors.discard(run)
 
     def start_worker(self) -> None:
         self.worker = Worker(
@@ -152,10 +181,14 @@ class Story:
 @asynccontextmanager
 async def story(env: WorkflowEnvironment, variant: str) -> AsyncIterator[Story]:
     task_queue = f"prop-{uuid.uuid4()}"
-    s = Story(env, ScriptedWorld(), spec_for(variant), task_queue, SessionClient(env.client, Settings(), task_queue=task_queue))
+    settings = Settings(media_task_queue=f"{task_queue}-media")
+    s = Story(env, ScriptedWorld(), spec_for(variant), task_queue, SessionClient(env.client, settings, task_queue=task_queue))
     s.start_worker()
+    media = Worker(env.client, task_queue=settings.media_task_queue, activities=[s.monitor_room],
+                   max_heartbeat_throttle_interval=timedelta(milliseconds=200))
     try:
-        yield s
+        async with media:
+            yield s
     finally:
         s.world.settle_all()
         for _, task in s.updates:
@@ -167,12 +200,16 @@ async def story(env: WorkflowEnvironment, variant: str) -> AsyncIterator[Story]:
 async def step(s: Story, name: str, data: st.DataObject) -> None:
     assert s.handle is not None
     identity = data.draw(st.sampled_from(["cand", "coach"]), label="identity")
+    # Everything this step draws is drawn before anything that depends on timing (whether the session is still
+    # there, what the world holds): the story's shape must depend on the draws alone.
+    drawn = draw_for(name, data)
+    pause = data.draw(st.sampled_from([0, 0, 0.05]), label="pause")
     if s.terminated:
-        return  # nothing reaches a terminated session; keep drawing the same way, so the story's shape is stable
+        return  # nothing reaches a terminated session
     match name:
         case "answer":
             # Indexes, not the calls themselves: what is waiting depends on timing, the draws must not.
-            which, how = data.draw(st.integers(0, 7), label="call"), data.draw(st.integers(0, 11), label="outcome")
+            which, how = drawn
             calls = s.world.answerable()
             if calls:
                 call = calls[which % len(calls)]
@@ -185,16 +222,16 @@ async def step(s: Story, name: str, data: st.DataObject) -> None:
         case "left":
             await s.signal(RoomEventKind.PARTICIPANT_LEFT, identity)
         case "avatar_left":
-            n = data.draw(st.integers(1, 3), label="avatar")
+            [n] = drawn
             await s.signal(RoomEventKind.PARTICIPANT_LEFT, f"avatar-{s.spec.session_id}-{n}")
         case "room_finished":
             await s.signal(RoomEventKind.ROOM_FINISHED, None)
         case "duplicate":
-            which = data.draw(st.integers(0, 31), label="again")
+            [which] = drawn
             if s.events:
                 await s.send(s.events[which % len(s.events)])
         case "extend":
-            minutes = data.draw(st.integers(1, 120), label="minutes")
+            [minutes] = drawn
             s.ask(f"extend {minutes} min", s.sessions.extend(s.spec.session_id, timedelta(minutes=minutes)))
         case "restart_worker":
             await s.stop_worker()
@@ -205,7 +242,72 @@ async def step(s: Story, name: str, data: st.DataObject) -> None:
             await s.unless_closed(s.handle.cancel())
         case "terminate":
             s.terminated = await s.unless_closed(s.handle.terminate("an operator steps in"))
-    await asyncio.sleep(data.draw(st.sampled_from([0, 0, 0.05]), label="pause"))  # let the session act (or not)
+        case "monitor":
+            await monitor_report(s, identity, *drawn)
+        case "room_lost":
+            # LiveKit restarted: it no longer has the room, and the monitor reports it gone. The real monitor runs
+            # only once the session knows its room is live, and reports a loss whenever it finds the room missing;
+            # the stub's report is a step of its own, so LiveKit loses the room here only when the session would
+            # hear of it: its room live, and not already being re-created.
+            live = await room_known_live(s)
+            await s.send(RoomEvent(event_id=f"mon-{uuid.uuid4().hex[:8]}", kind=RoomEventKind.ROOM_LOST,
+                                   source=RoomEventSource.MONITOR, detail="the room is missing"))
+            if live and s.spec.room_name in s.world.rooms:
+                s.world.rooms.discard(s.spec.room_name)
+                s.rooms_lost += 1
+    await asyncio.sleep(pause)  # let the session act (or not)
+
+
+def draw_for(name: str, data: st.DataObject) -> list[Any]:
+    """What step `name` needs drawn, always the same draws for the same step."""
+    match name:
+        case "answer":
+            return [data.draw(st.integers(0, 7), label="call"), data.draw(st.integers(0, 11), label="outcome")]
+        case "avatar_left":
+            return [data.draw(st.integers(1, 3), label="avatar")]
+        case "duplicate":
+            return [data.draw(st.integers(0, 31), label="again")]
+        case "extend":
+            return [data.draw(st.integers(1, 120), label="minutes")]
+        case "monitor":
+            return [
+                data.draw(st.sampled_from(MONITOR_REPORTS), label="report"),
+                data.draw(st.sampled_from(list(ConnectionLevel)), label="quality"),
+                data.draw(st.integers(1, 3), label="avatar"),
+                data.draw(st.integers(0, 7), label="present"),  # a bit per member
+            ]
+    return []
+
+
+async def room_known_live(s: Story) -> bool:
+    """The session has seen its room created, and is not re-creating it (nor ending)."""
+    try:
+        state = await s.sessions.state(s.spec.session_id)
+    except Exception:
+        return False  # closed, or not answering: LiveKit keeps the room this time
+    lost = sum("room lost at" in r for r in state.recoveries)
+    recreated = sum("re-created" in r for r in state.recoveries)
+    return (
+        state.status.value in ("waiting", "live", "degraded")
+        and lost == recreated
+        and not s.world.in_flight("create_room", s.spec.room_name)
+    )
+
+
+async def monitor_report(
+    s: Story, identity: str, kind: RoomEventKind, level: ConnectionLevel, avatar_n: int, members: int
+) -> None:
+    avatar = f"avatar-{s.spec.session_id}-{avatar_n}"
+    present = [who for bit, who in enumerate(["cand", "coach", avatar]) if members >> bit & 1]
+    reports: dict[RoomEventKind, dict[str, Any]] = {
+        RoomEventKind.TRACK_PUBLISHED: {"identity": identity, "track_sid": f"TR_{identity}", "track_kind": "audio"},
+        RoomEventKind.QUALITY_CHANGED: {"identity": identity, "quality": level},
+        RoomEventKind.AVATAR_FROZEN: {"identity": avatar, "detail": "no video frame"},
+        RoomEventKind.PRESENCE: {"present": present, "at": datetime.now(UTC)},
+    }
+    event = RoomEvent(event_id=f"mon-{uuid.uuid4().hex[:8]}", kind=kind, source=RoomEventSource.MONITOR, **reports[kind])
+    s.events.append(event)
+    await s.send(event)
 
 
 async def drain(s: Story) -> WorkflowExecutionStatus:
@@ -215,7 +317,9 @@ async def drain(s: Story) -> WorkflowExecutionStatus:
         s.ask("end (drain)", s.sessions.end(s.spec.session_id, "the story is over"))
     s.world.settle_all()
     try:
-        return await eventually(lambda: _closed_status(s), what=f"session {s.spec.session_id} to close", timeout=15)
+        # 30 s: an activity task a restarted worker took as it shut down is retried only after its start-to-close
+        # timeout (create_room's is 20 s), which a story once hit (150 examples: create_room pending, started).
+        return await eventually(lambda: _closed_status(s), what=f"session {s.spec.session_id} to close", timeout=30)
     except AssertionError as e:
         raise AssertionError(f"{e}\n{await diagnose(s)}") from None
 
@@ -285,8 +389,10 @@ async def check(s: Story, status: WorkflowExecutionStatus) -> None:
         assert status is WorkflowExecutionStatus.COMPLETED and outcome.end_reason.value != "failed"
     assert world.rooms == set(), f"rooms left behind: {world.rooms}"
     asked_for_room = world.first_calls[("create_room", spec.room_name)]
-    assert asked_for_room <= 1, "the room was created by more than one command"
-    assert world.first_calls[("delete_room", spec.room_name)] == asked_for_room, "the room was not released exactly once"
+    assert asked_for_room <= 1 + s.rooms_lost, "the room was created again though it was never lost"
+    deleted = world.first_calls[("delete_room", spec.room_name)]
+    assert deleted == min(asked_for_room, 1), "the room was not released exactly once"
+    await eventually(lambda: not s.monitors, what=f"the room monitor to stop with the session ({s.monitors})", timeout=10)
     assert {a: state for a, state in world.avatars.items() if state != "stopped"} == {}, "an avatar outlived the session"
     for avatar_id in world.avatars:
         assert world.first_calls[("stop_avatar_session", avatar_id)] == 1, f"avatar {avatar_id} not released exactly once"
