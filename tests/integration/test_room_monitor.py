@@ -27,6 +27,7 @@ from starters.client import SessionClient
 from starters.timeline import timeline
 from tests.support.polling import eventually
 from tests.support.specs import interview
+from workers.codec import decode_history
 from workers.worker import build_media_worker, build_worker
 from workflows.models import SessionState, SessionStatus, monitor_identity_for
 
@@ -140,8 +141,9 @@ async def test_webhooks_alone_reflect_a_participant_within_2_s(unmonitored: Sess
 
 async def _participant_lines(sessions: SessionClient, session_id: str) -> list[str]:
     """The joins and leaves in the session's timeline (each happening once, whichever source told it)."""
-    history = await sessions.handle(session_id).fetch_history()
-    lines = [m.text for m in timeline(history, sessions.client.data_converter)]
+    converter = sessions.client.data_converter  # payloads are encrypted at rest: decode before reading
+    history = await decode_history(await sessions.handle(session_id).fetch_history(), converter.payload_codec)
+    lines = [m.text for m in timeline(history, converter)]
     return [line.split("(", 1)[1].split(")")[0] for line in lines if "participant_" in line]
 
 

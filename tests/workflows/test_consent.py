@@ -74,7 +74,8 @@ async def recorded_sessions(
         workflows=[SessionWorkflow],
         activities=[*world.all(), egress.start_recording, egress.stop_recording],
     ):
-        yield SessionClient(time_skipping_env.client, Settings(), task_queue=task_queue)
+        # No room monitor: a long-running activity would stop the time-skipping clock for every test after this one.
+        yield SessionClient(time_skipping_env.client, Settings(media_task_queue=""), task_queue=task_queue)
 
 
 def make_spec(**overrides: Any) -> SessionSpec:
