@@ -81,6 +81,14 @@ class SessionNotFound(SessionError):
     pass
 
 
+class SpecChanged(SessionError):
+    """A join for a running session carried a different spec than the session was started with."""
+
+
+class Unavailable(SessionError):
+    """Temporal (or the session's workflow) did not answer in time; nothing was decided, so it is safe to retry."""
+
+
 # The workflow's typed refusals (`workflows.machine.Refusal.kind`) and the errors callers see for them.
 _REFUSALS: dict[str, type[SessionError]] = {
     "UnknownParticipant": UnknownParticipant,
@@ -88,7 +96,10 @@ _REFUSALS: dict[str, type[SessionError]] = {
     "SessionCancelled": SessionCancelled,
     "RoomFull": RoomFull,
     "ExtendBeyondCap": ExtendBeyondCap,
+    "SpecChanged": SpecChanged,
 }
+# RPC statuses that mean "Temporal did not answer": the request may be sent again as it is.
+_UNAVAILABLE = {RPCStatusCode.UNAVAILABLE, RPCStatusCode.DEADLINE_EXCEEDED, RPCStatusCode.RESOURCE_EXHAUSTED}
 _SESSION_ID = TypeAdapter(SessionId)
 _CLOSED = {
     WorkflowExecutionStatus.COMPLETED: "ended",
@@ -130,7 +141,15 @@ def _validated(model: type[M], data: object) -> M:
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        raise InvalidInput(f"invalid {model.__name__}: {e}") from None
+        raise InvalidInput(f"invalid {model.__name__}: {summarize(e)}") from None
+
+
+def summarize(error: ValidationError, *, limit: int = 5) -> str:
+    """Pydantic's errors on one line, each as `where: what` (the input itself is left out: it may be large or
+    hold what the caller would not want in a log)."""
+    parts = [f"{'.'.join(str(x) for x in e['loc']) or 'body'}: {e['msg']}" for e in error.errors(include_url=False)]
+    more = f"; and {len(parts) - limit} more" if len(parts) > limit else ""
+    return "; ".join(parts[:limit]) + more
 
 
 class SessionClient:
@@ -160,7 +179,7 @@ class SessionClient:
         the running session. A session that has ended never restarts under the same id.
         """
         spec = _validated(SessionSpec, spec)
-        request = _validated(JoinRequest, {"identity": identity})
+        request = _validated(JoinRequest, {"identity": identity, "spec": spec})
         if spec.participant(request.identity) is None:
             # Caught here too so a wrong identity never starts a session.
             raise UnknownParticipant(
@@ -270,7 +289,7 @@ class SessionClient:
                 return await self._translated(session_id, call())
             except _NotReady:
                 if loop.time() >= deadline:
-                    raise SessionError(
+                    raise Unavailable(
                         f"session {session_id!r} did not accept the request for {NOT_READY_RETRY.total_seconds():g} s "
                         "(its workflow task keeps failing: see the Temporal UI); it is safe to retry"
                     ) from None
@@ -292,6 +311,8 @@ class SessionClient:
                 d.type_url.endswith("WorkflowNotReadyFailure") for d in e.grpc_status.details
             ):
                 raise _NotReady() from e
+            if e.status in _UNAVAILABLE:
+                raise Unavailable(f"Temporal did not answer for session {session_id!r} ({e.message}); it is safe to retry") from e
             if e.status not in (RPCStatusCode.NOT_FOUND, RPCStatusCode.FAILED_PRECONDITION):
                 raise
             # An update or query to a closed session: say it has ended, never "not found".
@@ -306,7 +327,7 @@ class SessionClient:
             raise
         closed = _CLOSED.get(description.status) if description.status else None
         if closed is None:
-            return SessionError(f"session {session_id!r} is running but did not answer; try again")
+            return Unavailable(f"session {session_id!r} is running but did not answer; it is safe to retry")
         kind = SessionCancelled if description.status is WorkflowExecutionStatus.CANCELED else SessionEnded
         return kind(f"session {session_id!r} {closed}; start a new session id")
 
