@@ -210,6 +210,8 @@ class ErrorBody(BaseModel):
     message: str
 
 
+# `:path`, so an id with a slash (even encoded, which the server decodes before routing) reaches the handler
+# and gets the client's answer (InvalidInput), not a routing 404.
 SessionIdPath = Annotated[str, Path(description="the session id (3-64 of a-z, 0-9, '-', '_')", max_length=200)]
 _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorBody, "description": description}
@@ -234,7 +236,7 @@ def _sessions(request: Request) -> SessionClient:
     return SessionClient(request.app.state.temporal, request.app.state.settings)
 
 
-@router.post("/sessions/{session_id}/join", response_model=JoinGrant)
+@router.post("/sessions/{session_id:path}/join", response_model=JoinGrant)
 async def join(session_id: SessionIdPath, body: JoinBody, request: Request) -> JoinGrant:
     """Start the session if needed and admit a participant; idempotent (update-with-start)."""
     check_session_id(session_id)
@@ -243,19 +245,19 @@ async def join(session_id: SessionIdPath, body: JoinBody, request: Request) -> J
     return await _sessions(request).join(body.spec, body.identity)
 
 
-@router.post("/sessions/{session_id}/end", response_model=SessionOutcome)
+@router.post("/sessions/{session_id:path}/end", response_model=SessionOutcome)
 async def end(session_id: SessionIdPath, request: Request, body: Annotated[EndRequest | None, Body()] = None) -> SessionOutcome:
     """End the session once its room and avatar are released; on a closed session, the outcome it recorded."""
     return await _sessions(request).end(session_id, (body or EndRequest()).reason)
 
 
-@router.post("/sessions/{session_id}/extend", response_model=SessionState)
+@router.post("/sessions/{session_id:path}/extend", response_model=SessionState)
 async def extend(session_id: SessionIdPath, body: ExtendRequest, request: Request) -> SessionState:
     """Push the session's end out by `by` (within its `max_duration_cap`)."""
     return await _sessions(request).extend(session_id, body.by)
 
 
-@router.get("/sessions/{session_id}/state", response_model=SessionState)
+@router.get("/sessions/{session_id:path}/state", response_model=SessionState)
 async def state(session_id: SessionIdPath, request: Request) -> SessionState:
     """What the session is doing now (the workflow's `state` query)."""
     return await _sessions(request).state(session_id)

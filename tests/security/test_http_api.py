@@ -1,0 +1,284 @@
+"""The sessions HTTP API as an attacker and a careless caller would use it.
+
+Each refusal is JSON with a stable `type` and a status from `starters.api.ERRORS`, and changes nothing: after
+it, a check reads the state (no session was started, or the running one is as it was). The API and the Python
+client answer every case the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import timedelta
+from typing import Any
+
+import httpx
+import pytest
+
+from config.settings import Settings
+from starters.api import ERRORS, status_for
+from starters.client import InvalidInput, SessionError
+from tests.support.http_api import AVATAR, Api, api_on, spec, stack_temporal
+
+pytestmark = pytest.mark.stack
+
+
+@pytest.fixture(scope="module")
+async def api(settings: Settings) -> AsyncIterator[Api]:
+    async with api_on(await stack_temporal(settings), settings) as api:
+        yield api
+
+
+def assert_error(r: httpx.Response, status: int, kind: str) -> dict[str, Any]:
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/json")
+    body: dict[str, Any] = r.json()
+    assert body["type"] == kind and isinstance(body["message"], str) and body["message"], body
+    return body
+
+
+async def join(api: Api, body: dict[str, Any], **kwargs: Any) -> httpx.Response:
+    return await api.http.post(f"/v1/sessions/{body['spec']['session_id']}/join", json=body, **kwargs)
+
+
+# ---- API keys ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "authorization",
+    [None, "", "Bearer", "Bearer ", "Bearer wrong-key", "Basic dXNlcjpwYXNz", "Token {key}", "Bearer {key}x",
+     "Bearer {KEY}", "Bearer {digest}", "{key}"],
+)
+async def test_without_a_valid_api_key_nothing_is_read_or_started(api: Api, authorization: str | None) -> None:
+    import hashlib
+
+    session = spec()
+    headers = {} if authorization is None else {
+        "Authorization": authorization.format(
+            key=api.key, KEY=api.key.upper(), digest=hashlib.sha256(api.key.encode()).hexdigest()
+        )
+    }
+    async with httpx.AsyncClient(transport=api.http._transport, base_url="http://127.0.0.1") as anonymous:
+        for method, path, body in (
+            ("POST", f"/v1/sessions/{session['session_id']}/join", {"spec": session, "identity": "cand"}),
+            ("POST", f"/v1/sessions/{session['session_id']}/end", {}),
+            ("POST", f"/v1/sessions/{session['session_id']}/extend", {"by": 60}),
+            ("GET", f"/v1/sessions/{session['session_id']}/state", None),
+            ("GET", "/v1/sessions", None),
+        ):
+            r = await anonymous.request(method, path, json=body, headers=headers)
+            assert_error(r, 401, "Unauthorized")
+            assert r.headers["www-authenticate"] == "Bearer"
+    assert await api.absent(session["session_id"])
+
+
+async def test_health_and_docs_need_no_key(api: Api) -> None:
+    async with httpx.AsyncClient(transport=api.http._transport, base_url="http://127.0.0.1") as anonymous:
+        assert (await anonymous.get("/healthz")).json() == {"status": "ok"}
+        schema = (await anonymous.get("/openapi.json")).json()
+        assert {"/v1/sessions/{session_id}/join", "/v1/sessions", "/livekit/webhook", "/healthz"} <= set(schema["paths"])
+        assert (await anonymous.get("/docs")).status_code == 200
+
+
+# ---- a session over HTTP, start to end ------------------------------------------------------------------------
+
+
+async def test_join_extend_state_end_over_http(api: Api) -> None:
+    session = spec(avatar=AVATAR)
+    sid = session["session_id"]
+    r = await join(api, {"spec": session, "identity": "cand"})
+    assert r.status_code == 200, r.text
+    grant = r.json()
+    assert grant["identity"] == "cand" and grant["room"] == f"session-{sid}" and grant["token"]
+    # Idempotent: the same join again is a fresh grant for the same session.
+    assert (await join(api, {"spec": session, "identity": "watcher"})).status_code == 200
+    state = (await api.http.get(f"/v1/sessions/{sid}/state")).json()
+    assert state["session_id"] == sid and set(state["admitted"]) == {"cand", "watcher"}
+    # Durations: an ISO 8601 string or whole seconds.
+    first = (await api.http.post(f"/v1/sessions/{sid}/extend", json={"by": "PT1M"})).json()
+    second = (await api.http.post(f"/v1/sessions/{sid}/extend", json={"by": 60})).json()
+    assert _at(second["ends_at"]) - _at(first["ends_at"]) == timedelta(minutes=1)
+    listed = (await api.http.get("/v1/sessions", params={"kind": "interview", "limit": 1000})).json()
+    assert sid in {row["session_id"] for row in listed}
+    outcome = (await api.http.post(f"/v1/sessions/{sid}/end", json={"reason": "done over http"})).json()
+    assert outcome["end_reason"] == "requested" and outcome["session_id"] == sid
+    # Ended: `end` again gives the recorded outcome; anything else says it has ended.
+    assert (await api.http.post(f"/v1/sessions/{sid}/end")).json()["ended_at"] == outcome["ended_at"]
+    assert_error(await join(api, {"spec": session, "identity": "cand"}), 409, "SessionEnded")
+    assert_error(await api.http.post(f"/v1/sessions/{sid}/extend", json={"by": 60}), 409, "SessionEnded")
+    assert (await api.http.get(f"/v1/sessions/{sid}/state")).json()["status"] == "ended"  # still readable
+
+
+def _at(text: str) -> Any:
+    from datetime import datetime
+
+    return datetime.fromisoformat(text)
+
+
+# ---- the same answer from both ---------------------------------------------------------------------------------
+
+# name -> (what the Python client does, what the HTTP caller sends); `running` is a session started for the case.
+Case = Callable[[Api, dict[str, Any]], tuple[Awaitable[Any], Awaitable[httpx.Response]]]
+
+
+def _join_both(body_spec: dict[str, Any], identity: str) -> Case:
+    def case(api: Api, _: dict[str, Any]) -> tuple[Awaitable[Any], Awaitable[httpx.Response]]:
+        return api.sessions.join(body_spec, identity), join(api, {"spec": body_spec, "identity": identity})
+
+    return case
+
+
+def _on_running(action: str) -> Case:
+    def case(api: Api, running: dict[str, Any]) -> tuple[Awaitable[Any], Awaitable[httpx.Response]]:
+        sid = running["session_id"]
+        if action == "changed spec":
+            changed = running | {"max_duration": "PT11M"}
+            return api.sessions.join(changed, "cand"), join(api, {"spec": changed, "identity": "cand"})
+        if action == "changed roster":
+            changed = running | {"participants": [{"identity": "cand", "role": "coach"}]}
+            return api.sessions.join(changed, "cand"), join(api, {"spec": changed, "identity": "cand"})
+        assert action == "extend beyond cap"
+        return (
+            api.sessions.extend(sid, timedelta(hours=1)),
+            api.http.post(f"/v1/sessions/{sid}/extend", json={"by": 3600}),
+        )
+
+    return case
+
+
+def _unknown(action: str) -> Case:
+    def case(api: Api, _: dict[str, Any]) -> tuple[Awaitable[Any], Awaitable[httpx.Response]]:
+        sid = spec()["session_id"]
+        if action == "state":
+            return api.sessions.state(sid), api.http.get(f"/v1/sessions/{sid}/state")
+        if action == "end":
+            return api.sessions.end(sid), api.http.post(f"/v1/sessions/{sid}/end")
+        return api.sessions.extend(sid, timedelta(seconds=60)), api.http.post(f"/v1/sessions/{sid}/extend", json={"by": 60})
+
+    return case
+
+
+def _bad_id(session_id: str) -> Case:
+    def case(api: Api, _: dict[str, Any]) -> tuple[Awaitable[Any], Awaitable[httpx.Response]]:
+        from urllib.parse import quote
+
+        return api.sessions.state(session_id), api.http.get(f"/v1/sessions/{quote(session_id, safe='')}/state")
+
+    return case
+
+
+CASES: dict[str, tuple[Case, str]] = {
+    "max_participants as a string": (_join_both(spec(max_participants="3"), "cand"), "InvalidInput"),
+    "a duration as true": (_join_both(spec(max_duration=True), "cand"), "InvalidInput"),
+    "a duration as a numeric string": (_join_both(spec(max_duration="3600"), "cand"), "InvalidInput"),
+    "a duration as a float": (_join_both(spec(max_duration=3600.5), "cand"), "InvalidInput"),
+    "is_sandbox as 1": (_join_both(spec(avatar=AVATAR | {"is_sandbox": 1}), "cand"), "InvalidInput"),
+    "an identity as a number": (_join_both(spec(participants=[{"identity": 7, "role": "candidate"}]), "7"), "InvalidInput"),
+    "an extra field": (_join_both(spec(admin=True), "cand"), "InvalidInput"),
+    "a reserved identity": (_join_both(spec(participants=[{"identity": "avatar-x", "role": "coach"}]), "avatar-x"), "InvalidInput"),
+    "an identity off the roster": (_join_both(spec(), "mallory"), "UnknownParticipant"),
+    "a changed spec": (_on_running("changed spec"), "SpecChanged"),
+    "a changed roster": (_on_running("changed roster"), "SpecChanged"),
+    "extend beyond the cap": (_on_running("extend beyond cap"), "ExtendBeyondCap"),
+    "state of an unknown session": (_unknown("state"), "SessionNotFound"),
+    "end of an unknown session": (_unknown("end"), "SessionNotFound"),
+    "extend of an unknown session": (_unknown("extend"), "SessionNotFound"),
+    "an id with a quote": (_bad_id("abc' OR SessionId != '"), "InvalidInput"),
+    "an id with a slash": (_bad_id("abc/../def"), "InvalidInput"),
+    "an id with unicode": (_bad_id("sessión-1"), "InvalidInput"),
+    "an id with query syntax": (_bad_id("abc?status=live&x=1"), "InvalidInput"),
+    "an id in upper case": (_bad_id("ABC-1"), "InvalidInput"),
+}
+
+
+@pytest.fixture(scope="module")
+async def running(api: Api) -> AsyncIterator[dict[str, Any]]:
+    session = spec()
+    await api.sessions.join(session, "cand")
+    yield session
+    await api.sessions.end(session["session_id"], "test over")
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+async def test_the_api_and_the_python_client_give_the_same_answer(api: Api, running: dict[str, Any], name: str) -> None:
+    case, expected = CASES[name]
+    before = await api.sessions.state(running["session_id"])
+    via_client, via_http = case(api, running)
+    with pytest.raises(SessionError) as refused:
+        await via_client
+    assert type(refused.value).__name__ == expected
+    status, kind = status_for(refused.value)
+    body = assert_error(await via_http, status, kind)
+    assert kind == expected and body["message"]
+    # Nothing changed: the running session is as it was (same roster, same end), nothing else was started.
+    after = await api.sessions.state(running["session_id"])
+    assert (after.admitted, after.ends_at, after.status) == (before.admitted, before.ends_at, before.status)
+
+
+def test_every_client_error_has_one_status() -> None:
+    kinds = [kind for kind, _ in ERRORS]
+    assert len(kinds) == len(set(kinds)) and kinds[-1] is SessionError
+    assert status_for(InvalidInput("x")) == (422, "InvalidInput")
+
+
+# ---- bodies ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("content", "content_type", "status", "kind"),
+    [
+        (b'{"spec": {', "application/json", 422, "InvalidInput"),  # malformed JSON
+        (b"\xff\xfe\x00{}", "application/json", 422, "InvalidInput"),  # not UTF-8
+        (b"[1, 2, 3]", "application/json", 422, "InvalidInput"),  # JSON, not an object
+        (b"null", "application/json", 422, "InvalidInput"),
+        (b'{"spec": {}, "identity": "cand"}', "text/plain", 415, "UnsupportedMediaType"),
+        (b"spec=1&identity=cand", "application/x-www-form-urlencoded", 415, "UnsupportedMediaType"),
+        (b'{"spec": {}, "identity": "cand"}', None, 415, "UnsupportedMediaType"),
+        (b"x" * (70 * 1024), "application/json", 413, "PayloadTooLarge"),
+    ],
+)
+async def test_malformed_bodies_are_refused_and_start_nothing(
+    api: Api, content: bytes, content_type: str | None, status: int, kind: str
+) -> None:
+    sid = spec()["session_id"]
+    headers = {"Content-Type": content_type} if content_type else {}
+    r = await api.http.post(f"/v1/sessions/{sid}/join", content=content, headers=headers)
+    assert_error(r, status, kind)
+    assert await api.absent(sid)
+
+
+async def test_a_spec_for_another_session_than_the_path_is_refused(api: Api) -> None:
+    session, other = spec(), spec()
+    r = await api.http.post(f"/v1/sessions/{other['session_id']}/join", json={"spec": session, "identity": "cand"})
+    assert_error(r, 422, "InvalidInput")
+    assert await api.absent(session["session_id"]) and await api.absent(other["session_id"])
+
+
+@pytest.mark.parametrize(
+    "body", [{"by": True}, {"by": "60"}, {"by": 1.5}, {"by": None}, {"by": -60}, {"by": 0}, {"by": 10**40}, {"by": "P99999999D"},
+             {"by": 60, "extra": 1}, {}],
+)
+async def test_bad_extends_are_refused_and_change_nothing(api: Api, running: dict[str, Any], body: dict[str, Any]) -> None:
+    sid = running["session_id"]
+    before = await api.sessions.state(sid)
+    assert_error(await api.http.post(f"/v1/sessions/{sid}/extend", json=body), 422, "InvalidInput")
+    assert (await api.sessions.state(sid)).ends_at == before.ends_at
+
+
+@pytest.mark.parametrize(
+    "params",
+    [{"status": "bogus"}, {"status": "live' OR WorkflowType != '"}, {"kind": "webinar"}, {"limit": "0"}, {"limit": "1001"},
+     {"limit": "lots"}, {"limit": "3.5"}],
+)
+async def test_bad_list_filters_are_refused(api: Api, params: dict[str, str]) -> None:
+    assert_error(await api.http.get("/v1/sessions", params=params), 422, "InvalidInput")
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/v1/sessions/abc%2F..%2Fdef/state", "/v1/sessions/abc/../def/state", "/v1/sessions/%00%00%00/state",
+     "/v1/sessions/%E2%80%AEabc/state", "/v1/sessions/" + "a" * 300 + "/state", "/v1/sessions/abc-1/state?x=' OR 1=1"],
+)
+async def test_hostile_paths_get_a_clear_4xx(api: Api, path: str) -> None:
+    r = await api.http.get(path)
+    assert 400 <= r.status_code < 500, r.text
+    assert set(r.json()) == {"type", "message"}
