@@ -7,8 +7,10 @@ client answer every case the same way.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
+from urllib.parse import quote
 from typing import Any
 
 import httpx
@@ -49,8 +51,6 @@ async def join(api: Api, body: dict[str, Any], **kwargs: Any) -> httpx.Response:
      "Bearer {KEY}", "Bearer {digest}", "{key}"],
 )
 async def test_without_a_valid_api_key_nothing_is_read_or_started(api: Api, authorization: str | None) -> None:
-    import hashlib
-
     session = spec()
     headers = {} if authorization is None else {
         "Authorization": authorization.format(
@@ -108,9 +108,7 @@ async def test_join_extend_state_end_over_http(api: Api) -> None:
     assert (await api.http.get(f"/v1/sessions/{sid}/state")).json()["status"] == "ended"  # still readable
 
 
-def _at(text: str) -> Any:
-    from datetime import datetime
-
+def _at(text: str) -> datetime:
     return datetime.fromisoformat(text)
 
 
@@ -159,8 +157,6 @@ def _unknown(action: str) -> Case:
 
 def _bad_id(session_id: str) -> Case:
     def case(api: Api, _: dict[str, Any]) -> tuple[Awaitable[Any], Awaitable[httpx.Response]]:
-        from urllib.parse import quote
-
         return api.sessions.state(session_id), api.http.get(f"/v1/sessions/{quote(session_id, safe='')}/state")
 
     return case
@@ -174,7 +170,9 @@ CASES: dict[str, tuple[Case, str]] = {
     "is_sandbox as 1": (_join_both(spec(avatar=AVATAR | {"is_sandbox": 1}), "cand"), "InvalidInput"),
     "an identity as a number": (_join_both(spec(participants=[{"identity": 7, "role": "candidate"}]), "7"), "InvalidInput"),
     "an extra field": (_join_both(spec(admin=True), "cand"), "InvalidInput"),
-    "a reserved identity": (_join_both(spec(participants=[{"identity": "avatar-x", "role": "coach"}]), "avatar-x"), "InvalidInput"),
+    "a reserved identity": (
+        _join_both(spec(participants=[{"identity": "avatar-x", "role": "coach"}]), "avatar-x"), "InvalidInput"
+    ),
     "an identity off the roster": (_join_both(spec(), "mallory"), "UnknownParticipant"),
     "a changed spec": (_on_running("changed spec"), "SpecChanged"),
     "a changed roster": (_on_running("changed roster"), "SpecChanged"),
