@@ -32,7 +32,7 @@ from temporalio.service import RPCError
 
 from config.settings import get_settings
 from starters.api import new_api_key
-from starters.client import SessionClient, SessionError, check_session_id
+from starters.client import SessionClient, SessionError, check_extend, check_join, check_session_id, check_spec
 from starters.report import MAX_LIST_LIMIT, find_sessions, read_session, render_session, render_sessions, session_filter
 from starters.text import table
 from workers.logging import configure_logging
@@ -65,18 +65,21 @@ def _read_spec_file(name: str) -> str:
     except UnicodeDecodeError as e:
         raise SessionError(f"SPEC file {name!r} is not UTF-8 text (byte {e.start}); save it as UTF-8 JSON") from None
     except OSError as e:
-        raise SessionError(f"cannot read SPEC file {name!r}: {e.strerror or e}") from None
+        shown = name if len(name) <= 80 else name[:60] + "…"
+        raise SessionError(f"cannot read SPEC file {shown!r}: {e.strerror or e}") from None
 
 
 async def _join(args: argparse.Namespace) -> int:
-    spec = _load_spec(args.spec)  # bad input is refused before anything is contacted
+    spec = check_spec(_load_spec(args.spec))  # type: ignore[arg-type]  # any JSON value: check_spec validates it
+    check_join(spec, args.identity)  # bad input is refused before anything is contacted
     sessions = await SessionClient.connect()
-    grant = await sessions.join(spec, args.identity)  # type: ignore[arg-type]  # any JSON value: join() validates it
+    grant = await sessions.join(spec, args.identity)
     print(grant.model_dump_json(indent=2))
     return 0
 
 
 async def _end(args: argparse.Namespace) -> int:
+    check_session_id(args.session_id)  # refused before anything is contacted
     sessions = await SessionClient.connect()
     state = await sessions.end(args.session_id, args.reason)
     print(state.model_dump_json(indent=2))
@@ -84,6 +87,8 @@ async def _end(args: argparse.Namespace) -> int:
 
 
 async def _extend(args: argparse.Namespace) -> int:
+    check_session_id(args.session_id)  # refused before anything is contacted
+    check_extend(timedelta(seconds=args.seconds))
     sessions = await SessionClient.connect()
     state = await sessions.extend(args.session_id, timedelta(seconds=args.seconds))
     print(f"session {state.session_id} now ends at {state.ends_at.isoformat()}")

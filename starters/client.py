@@ -135,6 +135,27 @@ def check_session_id(session_id: str) -> str:
         ) from None
 
 
+def check_spec(spec: SessionSpec | dict[str, Any]) -> SessionSpec:
+    """`spec` as a SessionSpec, else `InvalidInput` saying what is wrong: what `join` checks before anything is sent."""
+    return _validated(SessionSpec, spec)
+
+
+def check_join(spec: SessionSpec, identity: str) -> JoinRequest:
+    """The join request for `identity`, refused (`UnknownParticipant`) unless they are on the roster, so a wrong
+    identity never starts a session."""
+    request = _validated(JoinRequest, {"identity": identity, "spec": spec})
+    if spec.participant(request.identity) is None:
+        raise UnknownParticipant(
+            f"{identity!r} is not on the roster of session {spec.session_id!r}; "
+            "add them to the session's participants when starting it"
+        )
+    return request
+
+
+def check_extend(by: timedelta) -> ExtendRequest:
+    return _validated(ExtendRequest, {"by": by})
+
+
 def _validated(model: type[M], data: object) -> M:
     if isinstance(data, model):
         return data
@@ -178,14 +199,8 @@ class SessionClient:
         One call, idempotent per session: the first creates the workflow (update-with-start), later ones join
         the running session. A session that has ended never restarts under the same id.
         """
-        spec = _validated(SessionSpec, spec)
-        request = _validated(JoinRequest, {"identity": identity, "spec": spec})
-        if spec.participant(request.identity) is None:
-            # Caught here too so a wrong identity never starts a session.
-            raise UnknownParticipant(
-                f"{identity!r} is not on the roster of session {spec.session_id!r}; "
-                "add them to the session's participants when starting it"
-            )
+        spec = check_spec(spec)
+        request = check_join(spec, identity)
         update_id = _update_id("join")
         return await self._call(
             spec.session_id,
@@ -247,7 +262,7 @@ class SessionClient:
             return await self.recorded_outcome(session_id)
 
     async def extend(self, session_id: str, by: timedelta) -> SessionState:
-        request = _validated(ExtendRequest, {"by": by})
+        request = check_extend(by)
         update_id = _update_id("extend")
         return await self._call(
             session_id, lambda: self.handle(session_id).execute_update(SessionWorkflow.extend, request, id=update_id)
