@@ -7,6 +7,7 @@ client answer every case the same way.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime, timedelta
@@ -15,11 +16,15 @@ from urllib.parse import quote
 
 import httpx
 import pytest
+from temporalio.client import Client
+from temporalio.service import RetryConfig
 
-from config.settings import Settings
-from starters.api import ERRORS, status_for
-from starters.client import InvalidInput, SessionError
+from config.settings import Settings, parse_api_keys
+from starters.api import ERRORS, new_api_key, status_for
+from starters.client import InvalidInput, SessionClient, SessionError, Unavailable
+from starters.gateway import create_app
 from tests.support.http_api import AVATAR, Api, api_on, spec, stack_temporal
+from workers.temporal import data_converter
 
 pytestmark = pytest.mark.stack
 
@@ -280,3 +285,70 @@ async def test_hostile_paths_get_a_clear_4xx(api: Api, path: str) -> None:
     r = await api.http.get(path)
     assert 400 <= r.status_code < 500, r.text
     assert set(r.json()) == {"type", "message"}
+
+
+# ---- Temporal away ---------------------------------------------------------------------------------------------
+
+
+class CuttableLink:
+    """A TCP relay to Temporal that the test can cut: the client connects for real, then Temporal goes away."""
+
+    def __init__(self, target: str) -> None:
+        self.host, port = target.rsplit(":", 1)
+        self.port = int(port)
+        self.pipes: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        return f"127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(self.host, self.port)
+        for source, sink in ((reader, up_writer), (up_reader, writer)):
+            task = asyncio.create_task(self._pipe(source, sink))
+            self.pipes.add(task)
+            task.add_done_callback(self.pipes.discard)
+
+    @staticmethod
+    async def _pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+        try:
+            while data := await source.read(65536):
+                sink.write(data)
+                await sink.drain()
+        finally:
+            sink.close()
+
+    async def cut(self) -> None:
+        self.server.close()
+        for task in list(self.pipes):
+            task.cancel()
+        await asyncio.gather(*self.pipes, return_exceptions=True)
+
+
+async def test_temporal_unavailable_is_a_503_that_says_retry(settings: Settings) -> None:
+    """Temporal stops answering (the link to it is cut): the API says 503 `Unavailable`, the client raises
+    `Unavailable`, and both say it is safe to retry."""
+    link = CuttableLink(settings.temporal_address)
+    temporal = await Client.connect(
+        await link.start(), namespace=settings.temporal_namespace, data_converter=data_converter(),
+        retry_config=RetryConfig(initial_interval_millis=10, max_retries=1, max_elapsed_time_millis=200),
+    )
+    await link.cut()
+    key, digest = new_api_key()
+    app = create_app(settings.model_copy(update={"api_keys": parse_api_keys(digest)}), temporal)
+    sessions = SessionClient(temporal, settings)
+    session = spec()
+    sid = session["session_id"]
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1", headers={"Authorization": f"Bearer {key}"}
+    ) as http:
+        for via_client, via_http in (
+            (sessions.join(session, "cand"), http.post(f"/v1/sessions/{sid}/join", json={"spec": session, "identity": "cand"})),
+            (sessions.state(sid), http.get(f"/v1/sessions/{sid}/state")),
+            (sessions.extend(sid, timedelta(seconds=60)), http.post(f"/v1/sessions/{sid}/extend", json={"by": 60})),
+            (sessions.end(sid), http.post(f"/v1/sessions/{sid}/end")),
+        ):
+            with pytest.raises(Unavailable, match="safe to retry"):
+                await via_client
+            assert "safe to retry" in assert_error(await via_http, 503, "Unavailable")["message"]
+        assert_error(await http.get("/v1/sessions"), 503, "Unavailable")
