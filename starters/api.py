@@ -65,6 +65,8 @@ from workflows.models import (
 log = structlog.get_logger("sessionflow.api")
 
 API_PREFIX = "/v1"
+# Everything else needs a key, so no spelling of a path ("//v1/...", "/v1/../v1/...") can slip past the check.
+PUBLIC_PATHS = frozenset({"/healthz", "/livekit/webhook", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 
 # The one table: a client error type -> the HTTP status the API answers with. Its `type` is the class name, the
 # same a Python caller catches. Most specific first (SessionCancelled is a SessionEnded).
@@ -130,7 +132,8 @@ def authorized(keys: tuple[ApiKeyHash, ...], authorization: str | None) -> ApiKe
 
 class EdgeGuard:
     """ASGI middleware around the whole app (API, webhook, docs): nothing behind it sees a request that is too
-    large, unauthenticated (under /v1) or not JSON (bodies under /v1), and no body is read before those checks."""
+    large, unauthenticated (any path but `PUBLIC_PATHS`) or, for a POST with a body to the API, not JSON; and no
+    body is read before those checks."""
 
     def __init__(self, app: ASGIApp, settings: Settings) -> None:
         self.app = app
@@ -154,9 +157,8 @@ class EdgeGuard:
             return error(400, "BadRequest", "Content-Length is not a number")
         if declared is not None and int(declared) > self.limit:
             return error(413, "PayloadTooLarge", f"the request body is larger than {self.limit} bytes")
-        path: str = scope["path"]
-        if not (path == API_PREFIX or path.startswith(API_PREFIX + "/")):
-            return None
+        if scope["path"] in PUBLIC_PATHS:
+            return None  # health, docs, and the webhook (which LiveKit signs instead)
         key = authorized(self.keys, headers.get("authorization"))
         if key is None:
             return error(
@@ -166,7 +168,7 @@ class EdgeGuard:
         scope.setdefault("state", {})["api_key"] = key.name
         has_body = declared not in (None, "0") or "chunked" in headers.get("transfer-encoding", "")
         media_type = headers.get("content-type", "").split(";")[0].strip().lower()
-        if scope["method"] == "POST" and has_body and media_type != "application/json":
+        if scope["method"] != "GET" and has_body and media_type != "application/json":
             return error(415, "UnsupportedMediaType", "the body must be JSON: `Content-Type: application/json`")
         return None
 

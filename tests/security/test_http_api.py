@@ -76,6 +76,14 @@ async def test_without_a_valid_api_key_nothing_is_read_or_started(api: Api, auth
     assert await api.absent(session["session_id"])
 
 
+@pytest.mark.parametrize("path", ["//v1/sessions", "/v1/../v1/sessions", "/v1/./sessions", "/V1/sessions", "/v1", "/nope", "/"])
+async def test_no_spelling_of_a_path_gets_past_the_key(api: Api, path: str) -> None:
+    async with httpx.AsyncClient(transport=api.http._transport, base_url="http://127.0.0.1") as anonymous:
+        request = anonymous.build_request("GET", "http://127.0.0.1")
+        request.url = request.url.copy_with(raw_path=path.encode())  # as sent, without httpx normalising it
+        assert_error(await anonymous.send(request), 401, "Unauthorized")
+
+
 async def test_health_and_docs_need_no_key(api: Api) -> None:
     async with httpx.AsyncClient(transport=api.http._transport, base_url="http://127.0.0.1") as anonymous:
         assert (await anonymous.get("/healthz")).json() == {"status": "ok"}
