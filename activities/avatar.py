@@ -37,6 +37,9 @@ from workflows.models import ROOM_PREFIX, AvatarCreated, AvatarRef, CreateAvatar
 
 T = TypeVar("T")
 
+# The avatar's LiveKit token outlives its avatar session by this much at most (the start comes a moment after
+# the create): a longer one could bring the room back after the end (issue 9: it was 8 h 10 min).
+AVATAR_TOKEN_GRACE = timedelta(minutes=2)
 KEEPALIVE_EVERY = timedelta(seconds=30)  # LiveAvatar ends a session after 5 idle minutes; <= 60 s is the rule
 HEARTBEAT_EVERY = timedelta(seconds=2)
 
@@ -107,7 +110,7 @@ class AvatarActivities:
                 identity=inp.identity,
                 name="Avatar",
                 role=None,
-                ttl=timedelta(seconds=inp.max_session_duration_s) + timedelta(minutes=10),
+                ttl=timedelta(seconds=inp.max_session_duration_s) + AVATAR_TOKEN_GRACE,
             ),
         )
         async with self._client() as client:

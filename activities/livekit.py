@@ -1,4 +1,4 @@
-"""LiveKit side effects: create and delete the session's room, mint participant tokens.
+"""LiveKit side effects: create and delete the session's room, mint participant tokens, start and stop its recording.
 
 Each activity is idempotent (CreateRoom returns the live room by name; DeleteRoom of a missing room is
 success) and classifies failures with `activities.errors`, so Temporal's retry policy decides what happens
@@ -9,25 +9,20 @@ from __future__ import annotations
 
 import asyncio
 import json
-import warnings
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Literal, TypedDict, TypeVar
 
-from jwt.warnings import InsecureKeyLengthWarning
 from livekit import api
 from temporalio import activity
+from temporalio.exceptions import ApplicationError
 
 from activities.errors import classify_livekit_error, never_final
 from config.settings import Settings
-from workflows.models import CreateRoomInput, JoinGrant, MintTokenInput, Role
+from workflows.models import CreateRoomInput, JoinGrant, MintTokenInput, RecordingStarted, Role, StartRecordingInput
 
 T = TypeVar("T")
-
-# The local server's dev secret ("secret", livekit --dev) is 6 bytes by design, and PyJWT warns about it on
-# every signature, ours and livekit-api's. The LiveKit server itself refuses short secrets outside dev mode.
-warnings.filterwarnings("ignore", category=InsecureKeyLengthWarning, message="The HMAC key is 6 bytes")
 
 # What each role may do in the room. Observers watch; nobody but the engine holds admin.
 class RoleGrants(TypedDict):
@@ -159,3 +154,34 @@ class LiveKitActivities:
             token=token,
             expires_at=expires_at,
         )
+
+    @activity.defn
+    async def start_recording(self, inp: StartRecordingInput) -> RecordingStarted:
+        """Start recording the room (a room composite egress to `SESSIONFLOW_RECORDING_FILEPATH`).
+
+        Only ever asked for once everyone the spec names has consented (the machine decides). A server without
+        an egress service answers 503 after a long wait, or not within our timeout: that failure reaches the
+        session, which goes on unrecorded.
+        """
+        request = api.RoomCompositeEgressRequest(
+            room_name=inp.room,
+            layout="speaker",
+            file_outputs=[api.EncodedFileOutput(file_type=api.EncodedFileType.MP4, filepath=self._settings.recording_filepath)],
+        )
+        async with self._api() as lk:
+            info = await self._call(f"start recording room {inp.room}", lk.egress.start_room_composite_egress(request))
+        assert info is not None
+        activity.logger.info("recording started", extra={"room": inp.room, "egress_id": info.egress_id})
+        return RecordingStarted(egress_id=info.egress_id)
+
+    @activity.defn
+    async def stop_recording(self, egress_id: str) -> None:
+        """Stop one egress; one that has already ended (its room deleted, say) counts as stopped."""
+        async with self._api() as lk:
+            try:
+                await self._call(f"stop recording {egress_id}", lk.egress.stop_egress(api.StopEgressRequest(egress_id=egress_id)))
+            except ApplicationError as e:
+                status = getattr(e.__cause__, "status", None)
+                if status not in (404, 412):  # not found, or already complete / failed: nothing records any more
+                    raise
+        activity.logger.info("recording stopped", extra={"egress_id": egress_id})

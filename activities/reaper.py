@@ -1,14 +1,19 @@
-"""The reaper: release LiveKit rooms and LiveAvatar sessions that no running session workflow owns.
+"""The reaper: release LiveKit rooms and LiveAvatar sessions of ours that no running session workflow owns.
 
 Termination, timeouts and workflow-task bugs run no workflow code, so nothing releases what such a session
-held (DESIGN.md, "What catches what the workflow cannot see"). `reap_orphans` sweeps both kinds:
+held (DESIGN.md, "What catches what the workflow cannot see"). The LiveKit project and the LiveAvatar account
+may be shared with other apps and other deployments, so the reaper touches only what it can prove is ours:
 
-- a room `session-<id>` belongs to the workflow with that id (the room name *is* the workflow id);
-- an avatar session belongs to the workflow whose `AvatarSessionId` search attribute holds its id.
+- a room is ours when its name has this deployment's prefix (`session-<deployment>-`, settings
+  `SESSIONFLOW_DEPLOYMENT`); it belongs to the workflow with that id (the room name *is* the workflow id).
+  With our prefix and no workflow at all, it is still ours: a session's room re-created after the end by a
+  still-valid token (LiveKit auto-creates rooms on join) looks exactly like that once history is gone;
+- an avatar session is ours only when a workflow of this namespace recorded it in its `AvatarSessionId`
+  search attribute; one nobody here recorded is another app's, and is never stopped.
 
-Anything whose owner is not RUNNING (or does not exist) and that is older than the grace period is released.
-An owner that cannot be looked up is never assumed gone: the item is reported as an error and the next sweep
-tries again. The owner check (`owner_gone`) is shared with the keep-alive net in `activities.avatar`.
+Anything of ours whose owner is not RUNNING and that is older than the grace period is released. An owner
+that cannot be looked up is never assumed gone: the item is reported as an error and the next sweep tries
+again. The owner check (`owner_gone`) is shared with the keep-alive net in `activities.avatar`.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from temporalio.service import RPCError, RPCStatusCode
 from activities.liveavatar_client import LiveAvatarClient, LiveAvatarRateLimited, SessionEntry
 from activities.livekit import LiveKitActivities
 from config.settings import Settings
-from workflows.models import ROOM_PREFIX
+from workflows.models import deployment_prefix
 from workflows.reaper_models import ReapReport, ReapRequest
 
 # The search attribute the session workflow records its avatar session id in (workflows.search_attributes.AVATAR_SESSION_ID;
@@ -94,10 +99,20 @@ class Verdict(StrEnum):
     OWNED = "owned"
     YOUNG = "young"  # unowned, but may still be on its way to being recorded by its workflow
     ORPHAN = "orphan"
+    NOT_OURS = "not ours"  # no workflow of ours ever recorded it: another app's or another namespace's
 
 
-def verdict(owners: Iterable[OwnerStatus], age_s: float | None, grace_s: float) -> Verdict:
-    """What to do with one resource. Unknown age counts as old: an avatar we cannot date still bills."""
+def verdict(
+    owners: Iterable[OwnerStatus], age_s: float | None, grace_s: float, *, needs_recorded_owner: bool = False
+) -> Verdict:
+    """What to do with one resource. Unknown age counts as old: an avatar we cannot date still bills.
+
+    `needs_recorded_owner`: the resource is ours only if some workflow recorded it (avatar sessions); without
+    it, the resource's name already proved it ours (rooms with our prefix) and no owner at all means gone.
+    """
+    owners = list(owners)
+    if needs_recorded_owner and not owners:
+        return Verdict.NOT_OURS
     if not owner_gone(owners):
         return Verdict.OWNED
     if age_s is not None and age_s < grace_s:
@@ -144,6 +159,7 @@ class _Candidate:
     owners: Callable[[], Awaitable[list[OwnerStatus]]]
     release: Callable[[], Awaitable[object]]
     released: list[str]  # the report's list it goes into once released
+    needs_recorded_owner: bool = False  # see `verdict`
 
 
 class ReaperActivities:
@@ -171,6 +187,8 @@ class ReaperActivities:
                 "rooms_released": len(report.rooms_released),
                 "avatars_seen": report.avatars_seen,
                 "avatars_released": len(report.avatars_released),
+                "rooms_not_ours": report.rooms_not_ours,
+                "avatars_not_ours": report.avatars_not_ours,
                 "skipped_young": len(report.skipped_young),
                 "errors": len(report.errors),
             },
@@ -184,9 +202,11 @@ class ReaperActivities:
             _failed(report, f"could not list LiveKit rooms: {e}")
             return
         now = time.time()
+        ours = deployment_prefix(self._settings.deployment)
         for room in rooms:
-            if not room.name.startswith(ROOM_PREFIX):
-                continue  # not ours
+            if not room.name.startswith(ours):
+                report.rooms_not_ours += 1  # another app's, or another deployment's: never judged
+                continue
             report.rooms_seen += 1
             await self._consider(
                 _Candidate(
@@ -239,6 +259,7 @@ class ReaperActivities:
                         owners=partial(avatar_owner_statuses, client, entry.id),
                         release=partial(stop, entry.id),
                         released=report.avatars_released,
+                        needs_recorded_owner=True,
                     ),
                     req,
                     report,
@@ -248,9 +269,14 @@ class ReaperActivities:
         """Look up the owner of one resource and release it when it is an orphan past the grace period."""
         activity.heartbeat(f"{candidate.kind} {candidate.name}")
         try:
-            found = verdict(await candidate.owners(), candidate.age_s, req.grace_seconds)
+            found = verdict(
+                await candidate.owners(), candidate.age_s, req.grace_seconds, needs_recorded_owner=candidate.needs_recorded_owner
+            )
         except Exception as e:
             _failed(report, f"could not find the owner of {candidate.kind} {candidate.name}, so it was kept: {e}")
+            return
+        if found is Verdict.NOT_OURS:
+            report.avatars_not_ours += 1
             return
         if found is Verdict.OWNED:
             return

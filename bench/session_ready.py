@@ -174,7 +174,7 @@ class Bench:
                     empty_timeout=int(spec.no_show_timeout.total_seconds() + 60),
                     departure_timeout=int(spec.reconnect_grace.total_seconds() + 60),
                     max_participants=spec.room_capacity,
-                    metadata=json.dumps({"workflow_id": workflow_id_for(spec.session_id), "kind": spec.kind.value}),
+                    metadata=json.dumps({"workflow_id": workflow_id_for(spec.session_id, s.deployment), "kind": spec.kind.value}),
                 )
             )
         mint_token(s, MintTokenInput(room=room, identity="coachee", role=Role.CANDIDATE, ttl=PARTICIPANT_TOKEN_TTL))
@@ -204,7 +204,7 @@ class Bench:
         s = self.settings
         async with api.LiveKitAPI(s.livekit_http_url, s.livekit_api_key, s.livekit_api_secret.get_secret_value()) as lk:
             listed = await lk.room.list_rooms(api.ListRoomsRequest())
-        ours = {workflow_id_for(sid) for sid in self.started} | set(self.direct_rooms)
+        ours = {workflow_id_for(sid, self.settings.deployment) for sid in self.started} | set(self.direct_rooms)
         return sorted(r.name for r in listed.rooms if r.name in ours)
 
 
@@ -373,7 +373,7 @@ async def run_level(bench: Bench, concurrency: int, n: int) -> tuple[dict[str, A
     for name, phase in phases.items():
         level[name] = summary(phase.ms, phase.wall_s)
     level["breakdown"] = {
-        "join": breakdown(await traces_of(bench.client, phases["join"], workflow_id_for)),
+        "join": breakdown(await traces_of(bench.client, phases["join"], bench.sessions.workflow_id)),
         "floor": breakdown(await traces_of(bench.client, phases["floor"], str)),
     }
     level["ratios"] = {
@@ -426,7 +426,7 @@ async def main() -> None:
                 if not traces:
                     join_call = nearest_p50(phases["join"])
                     floor_call = nearest_p50(phases["floor"])
-                    traces["join"] = await trace(client, workflow_id_for(join_call.key), join_call)
+                    traces["join"] = await trace(client, workflow_id_for(join_call.key, settings.deployment), join_call)
                     traces["floor"] = await trace(client, floor_call.key, floor_call)
                     trace_concurrency = concurrency
         finally:

@@ -3,7 +3,8 @@
 Every process (worker, gateway, CLI, tests) reads its settings from here, so an environment variable means the
 same thing everywhere. The defaults describe the embedded local stack on 127.0.0.1 (see ``sandbox.stack``);
 setting ``LIVEKIT_URL`` / ``LIVEAVATAR_API_KEY`` / ``TEMPORAL_ADDRESS`` points the same code at real services.
-Secrets have no production defaults: the only ones here are the local LiveKit dev key and the emulator's key.
+Secrets have no defaults: LiveKit credentials and the codec keys must be set (the local stack generates its
+own in its state directory and exports them); the only built-in key is the LiveAvatar emulator's.
 """
 
 from __future__ import annotations
@@ -16,9 +17,6 @@ from typing import Annotated, Any, Self
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-# The local LiveKit server runs with --dev and no keys, which gives exactly this pair (reference/livekit.md §4.1).
-LOCAL_LIVEKIT_API_KEY = "devkey"
-LOCAL_LIVEKIT_API_SECRET = "secret"
 # The LiveAvatar emulator accepts this key; it is not a credential for anything real.
 LOCAL_LIVEAVATAR_API_KEY = "emulator-dev-key"
 # LiveAvatar's public sandbox avatar ("Wayne"); the emulator accepts any uuid.
@@ -74,12 +72,21 @@ class Settings(BaseSettings):
     temporal_tls_key: Path | None = Field(None, validation_alias=_env("TEMPORAL_TLS_KEY"))
     temporal_ui_url: str = Field("http://127.0.0.1:8233", validation_alias=_env("TEMPORAL_UI_URL"))
     task_queue: str = Field("sessionflow", validation_alias=_env("SESSIONFLOW_TASK_QUEUE"))
+    # Every room and workflow id this deployment creates starts with `session-<deployment>-`, so the reaper can
+    # tell ours from another app's or another deployment's on a shared LiveKit project (no '-': the prefix of
+    # one deployment is never the prefix of another's).
+    deployment: str = Field("local", pattern=r"^[a-z0-9]{1,20}$", validation_alias=_env("SESSIONFLOW_DEPLOYMENT"))
 
     # LiveKit
     livekit_url: str = Field("ws://127.0.0.1:7880", validation_alias=_env("LIVEKIT_URL"))
-    livekit_api_key: str = Field(LOCAL_LIVEKIT_API_KEY, validation_alias=_env("LIVEKIT_API_KEY"))
-    livekit_api_secret: SecretStr = Field(
-        SecretStr(LOCAL_LIVEKIT_API_SECRET), validation_alias=_env("LIVEKIT_API_SECRET")
+    # No default: the well-known `devkey`/`secret` pair would sign valid tokens for anyone (issue 9). The local
+    # stack generates a pair in its state directory and exports it (sandbox/secrets.py).
+    livekit_api_key: str = Field(validation_alias=_env("LIVEKIT_API_KEY"))
+    livekit_api_secret: SecretStr = Field(validation_alias=_env("LIVEKIT_API_SECRET"))
+    # Where the egress service writes a session's recording (its own storage settings apply); LiveKit fills in
+    # {room_name} and {time}.
+    recording_filepath: str = Field(
+        "sessionflow/{room_name}-{time}.mp4", min_length=1, validation_alias=_env("SESSIONFLOW_RECORDING_FILEPATH")
     )
     # livekit-api ignores its own timeout (reference/livekit.md §1.4): every call is bounded by this.
     livekit_call_timeout_s: float = Field(10.0, validation_alias=_env("SESSIONFLOW_LIVEKIT_CALL_TIMEOUT"))
@@ -94,10 +101,25 @@ class Settings(BaseSettings):
     # Reaper (workers/schedules.py): how often it sweeps, and how old an unowned room or avatar must be to go.
     reaper_every_s: float = Field(30.0, gt=0, validation_alias=_env("SESSIONFLOW_REAPER_EVERY"))
     reaper_grace_s: float = Field(60.0, ge=0, validation_alias=_env("SESSIONFLOW_REAPER_GRACE"))
+    # The reaper's own task queue: its Schedule always targets this one (never whichever worker started last),
+    # and its runs stay out of the sessions' queue and list (docs/support.md).
+    reaper_task_queue: str = Field(
+        "sessionflow-reaper", min_length=1, validation_alias=_env("SESSIONFLOW_REAPER_TASK_QUEUE")
+    )
 
     # Gateway (LiveKit webhook receiver)
     gateway_host: str = Field("127.0.0.1", validation_alias=_env("SESSIONFLOW_GATEWAY_HOST"))
     gateway_port: int = Field(8099, validation_alias=_env("SESSIONFLOW_GATEWAY_PORT"))
+
+    # Payload encryption (workers/codec.py): `id:base64key,...` newest first, or a JSON key file. One is required
+    # by every Temporal client; the local stack generates a key in its state directory.
+    codec_keys: SecretStr | None = Field(None, validation_alias=_env("SESSIONFLOW_CODEC_KEYS"))
+    codec_key_file: Path | None = Field(None, validation_alias=_env("SESSIONFLOW_CODEC_KEY_FILE"))
+    # Codec server (starters/codec_server.py): bearer tokens by role, and the one browser origin (the Temporal UI)
+    # allowed to call it. `support` sees tokens masked; `admin` sees everything.
+    codec_admin_token: SecretStr | None = Field(None, validation_alias=_env("SESSIONFLOW_CODEC_ADMIN_TOKEN"))
+    codec_support_token: SecretStr | None = Field(None, validation_alias=_env("SESSIONFLOW_CODEC_SUPPORT_TOKEN"))
+    codec_cors_origin: str | None = Field(None, validation_alias=_env("SESSIONFLOW_CODEC_CORS_ORIGIN"))
 
     # Sessions HTTP API (starters/api.py): the keys it accepts (hashed), and the largest request body it reads.
     api_keys: Annotated[tuple[ApiKeyHash, ...], NoDecode] = Field((), validation_alias=_env("SESSIONFLOW_API_KEYS"))

@@ -206,6 +206,9 @@ def _run_with_temporal_client(command: Callable[[], Coroutine[object, object, in
     from workers.logging import configure_logging
     from workers.temporal import TemporalUnavailable
 
+    # `dev` and `demo` run on the local stack: its generated keys (made on first use) are what the settings need.
+    os.environ.update(LocalStack(console=console).env)
+    get_settings.cache_clear()
     settings = get_settings()
     level = settings.log_level if long_running or "SESSIONFLOW_LOG_LEVEL" in os.environ else "WARNING"
     configure_logging(settings.log_format, level)

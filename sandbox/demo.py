@@ -27,6 +27,7 @@ from sandbox.media import join_room
 from sandbox.stack import LocalStack
 from starters.client import SessionClient
 from starters.timeline import render, timeline
+from workers.codec import decode_history
 from workers.temporal import connect
 from workers.worker import build_worker
 from workflows.models import SessionSpec, avatar_identity_prefix
@@ -72,10 +73,11 @@ async def wait_for(what: str, check: Callable[[], Awaitable[T]], timeout: float 
         await asyncio.sleep(every)
 
 
-def demo_spec(session_id: str) -> SessionSpec:
+def demo_spec(session_id: str, deployment: str) -> SessionSpec:
     return SessionSpec.model_validate(
         {
             "session_id": session_id,
+            "deployment": deployment,
             "kind": "interview",
             "participants": [
                 {"identity": "candidate-1", "role": "candidate", "name": "Demo Candidate"},
@@ -89,7 +91,7 @@ def demo_spec(session_id: str) -> SessionSpec:
 
 
 async def run_interview(settings: Settings, sessions: SessionClient) -> DemoResult:
-    spec = demo_spec(f"demo-{uuid.uuid4().hex[:8]}")
+    spec = demo_spec(f"demo-{uuid.uuid4().hex[:8]}", settings.deployment)
     sid = spec.session_id
     console.rule(f"[bold]interview {sid}")
 
@@ -127,9 +129,10 @@ async def run_interview(settings: Settings, sessions: SessionClient) -> DemoResu
     leaked_rooms, leaked_avatars = await check_released(settings, spec, last_avatar)
     handle = sessions.handle(sid)
     await handle.result()  # the workflow closes once its keep-alive has acknowledged the end
-    history = await handle.fetch_history()
+    converter = sessions.client.data_converter
+    history = await decode_history(await handle.fetch_history(), converter.payload_codec)
     console.rule("timeline (from the session's Temporal history)")
-    console.print(render(timeline(history, sessions.client.data_converter)))
+    console.print(render(timeline(history, converter)))
     console.rule()
     console.print(f"Temporal UI: [link]{sessions.ui_url(sid)}[/link]")
     return DemoResult(sid, ready, avatar_after, leaked_rooms, leaked_avatars)

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from config.settings import LOCAL_LIVEAVATAR_API_KEY, LOCAL_LIVEKIT_API_KEY, LOCAL_LIVEKIT_API_SECRET
+from config.settings import LOCAL_LIVEAVATAR_API_KEY
 from sandbox.binaries import (
     LIVEKIT_PACKAGE,
     LIVEKIT_VERSION,
@@ -67,6 +67,7 @@ from sandbox.processes import (
     temporal_probe,
     wait_until_ready,
 )
+from sandbox.secrets import LocalSecrets, load_or_create
 from starters.api import new_api_key
 from workflows.search_attributes import SEARCH_ATTRIBUTE_TYPES
 
@@ -83,6 +84,7 @@ __all__ = [
     "STATE_FILE",
     "TEMPORAL_DYNAMIC_CONFIG",
     "TEMPORAL_NAMESPACE",
+    "TEMPORAL_SQLITE_PRAGMAS",
     "LiveKitBuildError",
     "LocalStack",
     "PortInUseError",
@@ -109,6 +111,8 @@ __all__ = [
 ]
 
 LIVEKIT_CONFIG = Path(__file__).resolve().with_name("livekit.yaml")
+# What sandbox/livekit.yaml names as the webhook's signing key; the derived config puts the generated key there.
+LIVEKIT_CONFIG_KEY_PLACEHOLDER = "generated-on-first-run"
 TEMPORAL_NAMESPACE = "default"
 SEARCH_ATTRIBUTES = tuple(SEARCH_ATTRIBUTE_TYPES)
 TEMPORAL_DYNAMIC_CONFIG = {
@@ -119,15 +123,29 @@ TEMPORAL_DYNAMIC_CONFIG = {
     "frontend.enableServerVersionCheck": "false",
 }
 
+#: SQLite settings of the dev server's database. WAL lets readers run beside the writer and commits append to the
+#: log instead of rewriting pages; with ``synchronous=normal`` a commit is durable against a crash of the server
+#: process (what the chaos suite does), though the last commits may be lost if the machine itself loses power:
+#: the right trade for a development stack. ``python -m bench.storage`` measures it against the default.
+TEMPORAL_SQLITE_PRAGMAS: dict[str, str] = {"journal_mode": "wal", "synchronous": "normal"}
+
 #: Every service the stack knows, in start order (stopped in the reverse order).
 SERVICE_NAMES = ("temporal", "livekit", "emulator", "gateway")
 STATE_FILE = "stack.json"
 # The local stack's key for the sessions HTTP API (starters/api.py), made on first run, never in git.
 API_KEY_FILE = "api-key"
 
+# The stack's generated secrets (sandbox/secrets.py): in every child's environment, never in the state file.
+SECRET_ENV = (
+    "LIVEKIT_API_SECRET", "SESSIONFLOW_CODEC_KEYS", "SESSIONFLOW_CODEC_ADMIN_TOKEN", "SESSIONFLOW_CODEC_SUPPORT_TOKEN",
+    "SESSIONFLOW_API_KEY",
+)
+
 # Variables that would point a child at something other than this stack (a Temporal Cloud key in the
 # developer's shell must not turn TLS on against the local dev server).
-_FOREIGN_ENV = ("TEMPORAL_API_KEY", "TEMPORAL_TLS", "TEMPORAL_TLS_CERT", "TEMPORAL_TLS_KEY")
+_FOREIGN_ENV = (
+    "TEMPORAL_API_KEY", "TEMPORAL_TLS", "TEMPORAL_TLS_CERT", "TEMPORAL_TLS_KEY", "SESSIONFLOW_CODEC_KEY_FILE",
+)
 
 # How each service is stopped: (signal, seconds to wait for it to exit) in turn, then SIGKILL.
 # LiveKit's first SIGTERM drains and waits for participants with no upper bound; the second one forces the
@@ -209,6 +227,7 @@ class LocalStack(ChaosControls):
         cache_dir: Path | str | None = None,
         ready_timeout: float = 60.0,
         ui_codec_endpoint: str | None = None,
+        sqlite_pragmas: dict[str, str] | None = None,
         console: Console | None = None,
     ) -> None:
         chosen = set(services)
@@ -221,6 +240,7 @@ class LocalStack(ChaosControls):
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
         self.ready_timeout = ready_timeout
         self.ui_codec_endpoint = ui_codec_endpoint
+        self.sqlite_pragmas = TEMPORAL_SQLITE_PRAGMAS if sqlite_pragmas is None else sqlite_pragmas
         self.console = console or Console(stderr=True, soft_wrap=True)
         self.startup_seconds: dict[str, float] = {}
         self._running: list[RunningService] = []
@@ -230,19 +250,38 @@ class LocalStack(ChaosControls):
         # Set by the CLI's foreground `up`: `down` then asks this process to stop (SIGTERM) instead of
         # killing its services under it.
         self._owner_stops_on_sigterm = False
+        self._secrets: LocalSecrets | None = None
 
     # ---- what the stack exports
 
     @property
+    def secrets(self) -> LocalSecrets:
+        """This stack's LiveKit key pair, codec key and codec server tokens, made on first use and kept in the
+        state dir, so every process of this stack (and a later run) shares them."""
+        if self._secrets is None:
+            self._secrets = load_or_create(self.state_dir)
+        return self._secrets
+
+    def ui_codec_url(self) -> str:
+        """The codec server the Temporal UI decodes payloads with: the gateway's (starters/codec_server.py).
+        The dev server's UI cannot send an Authorization header, so its URL carries the `support` token (masked
+        output; CORS admits the UI's origin only)."""
+        return f"http://{HOST}:{self.ports.gateway}/codec/ui/{self.secrets.codec_support_token}"
+
+    @property
     def env(self) -> dict[str, str]:
-        p = self.ports
+        p, secrets = self.ports, self.secrets
         return {
             "TEMPORAL_ADDRESS": f"{HOST}:{p.temporal}",
             "TEMPORAL_NAMESPACE": TEMPORAL_NAMESPACE,
             "TEMPORAL_UI_URL": f"http://{HOST}:{p.temporal_ui}",
             "LIVEKIT_URL": f"ws://{HOST}:{p.livekit}",
-            "LIVEKIT_API_KEY": LOCAL_LIVEKIT_API_KEY,
-            "LIVEKIT_API_SECRET": LOCAL_LIVEKIT_API_SECRET,
+            "LIVEKIT_API_KEY": secrets.livekit_api_key,
+            "LIVEKIT_API_SECRET": secrets.livekit_api_secret,
+            "SESSIONFLOW_CODEC_KEYS": secrets.codec_keys,
+            "SESSIONFLOW_CODEC_ADMIN_TOKEN": secrets.codec_admin_token,
+            "SESSIONFLOW_CODEC_SUPPORT_TOKEN": secrets.codec_support_token,
+            "SESSIONFLOW_CODEC_CORS_ORIGIN": f"http://{HOST}:{p.temporal_ui}",
             "LIVEAVATAR_API_URL": f"http://{HOST}:{p.emulator}",
             "LIVEAVATAR_API_KEY": LOCAL_LIVEAVATAR_API_KEY,
             "SESSIONFLOW_GATEWAY_HOST": HOST,
@@ -408,8 +447,11 @@ class LocalStack(ChaosControls):
                 command += ["--search-attribute", f"{attribute}={kind}"]
             for key, value in TEMPORAL_DYNAMIC_CONFIG.items():
                 command += ["--dynamic-config-value", f"{key}={value}"]
-            if self.ui_codec_endpoint:
-                command += ["--ui-codec-endpoint", self.ui_codec_endpoint]
+            for pragma, value in self.sqlite_pragmas.items():
+                command += ["--sqlite-pragma", f"{pragma}={value}"]
+            codec_endpoint = self.ui_codec_endpoint or (self.ui_codec_url() if "gateway" in self.services else None)
+            if codec_endpoint:
+                command += ["--ui-codec-endpoint", codec_endpoint]
             return ServiceSpec(
                 name, tuple(command), temporal_probe(Path(temporal), f"{HOST}:{p.temporal}", TEMPORAL_NAMESPACE),
                 url=f"http://{HOST}:{p.temporal_ui}", tcp_ports=(p.temporal, p.temporal_ui),
@@ -443,26 +485,32 @@ class LocalStack(ChaosControls):
         raise StackError(f"unknown service {name!r}")
 
     def livekit_config(self, *, write: bool = True) -> Path:
-        """The LiveKit config to run with: ``sandbox/livekit.yaml`` itself on the default ports, else a copy
-        in the state dir with the ports (and the gateway's webhook URL) moved."""
+        """The LiveKit config to run with: a copy of ``sandbox/livekit.yaml`` in the state dir with this stack's
+        generated key pair (instead of --dev's public ``devkey``/``secret``) and the ports (and the gateway's
+        webhook URL) moved. It holds the secret, so it is written readable by its owner only."""
         defaults, p = StackPorts(), self.ports
-        if (p.livekit, p.livekit_rtc_udp, p.gateway) == (defaults.livekit, defaults.livekit_rtc_udp, defaults.gateway):
-            return LIVEKIT_CONFIG
         derived = self.state_dir / "livekit.yaml"
         if write:
             text = LIVEKIT_CONFIG.read_text()
+            key = self.secrets.livekit_api_key
             for old, new in [
                 (f"\nport: {defaults.livekit}\n", f"\nport: {p.livekit}\n"),
                 (f"\n  udp_port: {defaults.livekit_rtc_udp}\n", f"\n  udp_port: {p.livekit_rtc_udp}\n"),
                 (f"http://{HOST}:{defaults.gateway}/", f"http://{HOST}:{p.gateway}/"),
+                (f"\n  api_key: {LIVEKIT_CONFIG_KEY_PLACEHOLDER}\n", f"\n  api_key: {key}\n"),
             ]:
                 if text.count(old) != 1:
                     raise StackError(
-                        f"cannot move the LiveKit ports: {LIVEKIT_CONFIG} no longer has exactly one "
+                        f"cannot derive the LiveKit config: {LIVEKIT_CONFIG} no longer has exactly one "
                         f"{old.strip()!r}; update LocalStack.livekit_config to match the file"
                     )
                 text = text.replace(old, new)
-            derived.write_text(f"# Generated by sandbox/stack.py from {LIVEKIT_CONFIG} (ports moved).\n{text}")
+            text += f"keys:\n  {key}: \"{self.secrets.livekit_api_secret}\"\n"
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(derived, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(f"# Generated by sandbox/stack.py from {LIVEKIT_CONFIG} (keys and ports).\n{text}")
+            derived.chmod(0o600)  # a copy written by an older version may be world-readable
         return derived
 
     # ---- state file
@@ -498,11 +546,14 @@ class LocalStack(ChaosControls):
             "services": list(self.services),
             "ports": asdict(self.ports),
             "ui_codec_endpoint": self.ui_codec_endpoint,
-            "env": self.env,
+            "env": {k: v for k, v in self.env.items() if k not in SECRET_ENV},
             "running": [s.to_state() for s in self._running],
         }
         tmp = self.state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state, indent=2))
+        # Owner only: the Temporal UI's command line names its codec URL, which carries the support token.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(state, indent=2))
         os.replace(tmp, self.state_file)
 
     def _add_running(self, service: RunningService) -> None:

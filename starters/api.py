@@ -67,6 +67,8 @@ log = structlog.get_logger("sessionflow.api")
 API_PREFIX = "/v1"
 # Everything else needs a key, so no spelling of a path ("//v1/...", "/v1/../v1/...") can slip past the check.
 PUBLIC_PATHS = frozenset({"/healthz", "/livekit/webhook", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+# The codec server (starters/codec_server.py) checks its own tokens, CORS and (larger) body limit, before reading.
+DELEGATED_PREFIX = "/codec/"
 
 # The one table: a client error type -> the HTTP status the API answers with. Its `type` is the class name, the
 # same a Python caller catches. Most specific first (SessionCancelled is a SessionEnded).
@@ -141,7 +143,7 @@ class EdgeGuard:
         self.keys = settings.api_keys
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope["path"].startswith(DELEGATED_PREFIX):
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}

@@ -27,14 +27,24 @@ import uuid
 from datetime import timedelta
 from pathlib import Path
 
+from pydantic import ValidationError
 from temporalio.client import WorkflowFailureError
 from temporalio.service import RPCError
 
 from config.settings import get_settings
 from starters.api import new_api_key
-from starters.client import SessionClient, SessionError, check_extend, check_join, check_session_id, check_spec
+from starters.client import (
+    SessionClient,
+    SessionError,
+    check_extend,
+    check_join,
+    check_session_id,
+    check_spec,
+    summarize,
+)
 from starters.report import MAX_LIST_LIMIT, find_sessions, read_session, render_session, render_sessions, session_filter
 from starters.text import table
+from workers.codec import CodecKeyError, UndecryptablePayload
 from workers.logging import configure_logging
 from workers.temporal import TemporalUnavailable, connect
 from workers.worker import run_worker
@@ -102,6 +112,17 @@ async def _show(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _consent(args: argparse.Namespace) -> int:
+    """Grant or withdraw a participant's consent to record; print the recording as it now stands."""
+    sessions = await SessionClient.connect()
+    state = await sessions.consent(args.session_id, args.identity, args.decision == "grant")
+    recording = state.recording
+    assert recording is not None  # a session that is not recorded refuses consent
+    waiting = f"; waiting for: {', '.join(recording.waiting_for)}" if recording.waiting_for else ""
+    print(f"recording: {recording.status.value}; consented: {', '.join(recording.consented) or 'nobody'}{waiting}")
+    return 0
+
+
 async def _list(args: argparse.Namespace) -> int:
     which = session_filter(args.status, args.kind, args.limit)  # refused before anything is contacted
     client = await connect(get_settings())
@@ -123,7 +144,7 @@ def _seconds(text: str) -> float:
 
 
 async def _reap(args: argparse.Namespace) -> int:
-    """Run one ReaperWorkflow sweep on the worker's task queue and print what it released as a table."""
+    """Run one ReaperWorkflow sweep on the reaper's task queue and print what it released as a table."""
     settings = get_settings()
     request = ReapRequest(grace_seconds=settings.reaper_grace_s if args.grace is None else args.grace, dry_run=args.dry_run)
     client = await connect(settings)
@@ -132,14 +153,14 @@ async def _reap(args: argparse.Namespace) -> int:
             ReaperWorkflow.run,
             request,
             id=f"sessionflow-reap-{uuid.uuid4().hex[:12]}",
-            task_queue=settings.task_queue,
+            task_queue=settings.reaper_task_queue,
             # Nobody polling the queue would leave this waiting forever.
             execution_timeout=timedelta(minutes=2),
         )
     except WorkflowFailureError as e:
         raise SessionError(
-            f"the sweep did not finish: {e.cause}. Is a worker (`sessionflow worker`) running on task queue "
-            f"{settings.task_queue!r}?"
+            f"the sweep did not finish: {e.cause}. Is a worker (`sessionflow worker`) running with reaper task queue "
+            f"{settings.reaper_task_queue!r}?"
         ) from None
     rows = [("room", name, "would release" if report.dry_run else "released") for name in report.rooms_released]
     rows += [("avatar", aid, "would release" if report.dry_run else "released") for aid in report.avatars_released]
@@ -199,6 +220,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("session_id")
     p.add_argument("seconds", type=int)
     p.set_defaults(run=_extend)
+    p = sub.add_parser("consent", help="grant or withdraw a participant's consent to record a session")
+    p.add_argument("session_id")
+    p.add_argument("identity")
+    p.add_argument("decision", choices=("grant", "withdraw"))
+    p.set_defaults(run=_consent)
     p = sub.add_parser("show", help="a session's header, timeline, avatar billing and UI link (running or closed)")
     p.add_argument("session_id")
     p.set_defaults(run=_show)
@@ -220,7 +246,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    settings = get_settings()
+    try:
+        settings = get_settings()
+    except ValidationError as e:
+        _error(f"the configuration (environment variables) is not valid: {summarize(e)}. "
+               "For the local stack: eval \"$(python -m sandbox env)\"")
+        sys.stderr.flush()
+        os._exit(2)
     # One-shot commands print their result, not logs, unless a level is asked for.
     long_running = args.command == "worker"
     level = settings.log_level if long_running or "SESSIONFLOW_LOG_LEVEL" in os.environ else "WARNING"
@@ -228,7 +260,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         rc = args.sync(args) if hasattr(args, "sync") else asyncio.run(args.run(args))
         sys.stdout.flush()  # inside the try: a closed pipe shows here, where output is buffered
-    except (SessionError, TemporalUnavailable) as e:
+    except (SessionError, TemporalUnavailable, CodecKeyError, UndecryptablePayload) as e:
         _error(str(e))
         rc = 2
     except RPCError as e:

@@ -34,6 +34,7 @@ from temporalio.service import RPCError, RPCStatusCode
 from config.settings import Settings, get_settings
 from workers.temporal import connect
 from workflows.models import (
+    ConsentRequest,
     EndRequest,
     ExtendRequest,
     JoinGrant,
@@ -81,6 +82,10 @@ class SessionNotFound(SessionError):
     pass
 
 
+class NotRecorded(SessionError):
+    """Consent was given or withdrawn for a session that is not recorded."""
+
+
 class SpecChanged(SessionError):
     """A join for a running session carried a different spec than the session was started with."""
 
@@ -96,6 +101,7 @@ _REFUSALS: dict[str, type[SessionError]] = {
     "SessionCancelled": SessionCancelled,
     "RoomFull": RoomFull,
     "ExtendBeyondCap": ExtendBeyondCap,
+    "NotRecorded": NotRecorded,
     "SpecChanged": SpecChanged,
 }
 # RPC statuses that mean "Temporal did not answer": the request may be sent again as it is.
@@ -191,7 +197,22 @@ class SessionClient:
         return None
 
     def handle(self, session_id: str) -> WorkflowHandle[SessionWorkflow, SessionOutcome]:
-        return self.client.get_workflow_handle_for(SessionWorkflow.run, workflow_id_for(check_session_id(session_id)))
+        return self.client.get_workflow_handle_for(SessionWorkflow.run, self.workflow_id(check_session_id(session_id)))
+
+    def workflow_id(self, session_id: str) -> str:
+        """The workflow id (and room name) of `session_id` in this client's deployment."""
+        return workflow_id_for(session_id, self.settings.deployment)
+
+    def _in_deployment(self, spec: SessionSpec) -> SessionSpec:
+        """`spec` carrying this client's deployment, which names its workflow and room; another is refused."""
+        if spec.deployment is None:
+            return spec.model_copy(update={"deployment": self.settings.deployment})
+        if spec.deployment != self.settings.deployment:
+            raise InvalidInput(
+                f"session {spec.session_id!r} names deployment {spec.deployment!r}, but this client runs deployment "
+                f"{self.settings.deployment!r} (SESSIONFLOW_DEPLOYMENT); leave `deployment` out of the spec"
+            )
+        return spec
 
     async def join(self, spec: SessionSpec | dict[str, Any], identity: str) -> JoinGrant:
         """Start the session if it is not running yet, admit `identity` and return their grant.
@@ -199,7 +220,8 @@ class SessionClient:
         One call, idempotent per session: the first creates the workflow (update-with-start), later ones join
         the running session. A session that has ended never restarts under the same id.
         """
-        spec = check_spec(spec)
+        # The spec as it runs (with this client's deployment): a join carries it, so a changed one is refused.
+        spec = self._in_deployment(check_spec(spec))
         request = check_join(spec, identity)
         update_id = _update_id("join")
         return await self._call(
@@ -224,7 +246,7 @@ class SessionClient:
 
     async def start(self, spec: SessionSpec | dict[str, Any]) -> WorkflowHandle[SessionWorkflow, SessionOutcome]:
         """Start the session ahead of its first join (the room is created now); a running one is left as is."""
-        spec = _validated(SessionSpec, spec)
+        spec = self._in_deployment(_validated(SessionSpec, spec))
         return await self._call(
             spec.session_id, lambda: self.client.start_workflow(SessionWorkflow.run, spec, **self._start_options(spec))
         )
@@ -266,6 +288,17 @@ class SessionClient:
         update_id = _update_id("extend")
         return await self._call(
             session_id, lambda: self.handle(session_id).execute_update(SessionWorkflow.extend, request, id=update_id)
+        )
+
+    async def consent(self, session_id: str, identity: str, granted: bool) -> SessionState:
+        """`identity` grants (or withdraws) consent to record the session; returns the state with the recording
+        as it now stands. Recording starts once everyone the spec's `recording` names has consented, and stops
+        as soon as anyone withdraws. Refused with `UnknownParticipant` for someone not asked, `NotRecorded` for a
+        session that is not recorded, `SessionEnded` once it has ended."""
+        request = _validated(ConsentRequest, {"identity": identity, "granted": granted})
+        update_id = _update_id("consent")
+        return await self._call(
+            session_id, lambda: self.handle(session_id).execute_update(SessionWorkflow.consent, request, id=update_id)
         )
 
     async def state(self, session_id: str) -> SessionState:
@@ -349,7 +382,7 @@ class SessionClient:
     def ui_url(self, session_id: str) -> str:
         return (
             f"{self.settings.temporal_ui_url}/namespaces/{self.settings.temporal_namespace}"
-            f"/workflows/{workflow_id_for(session_id)}"
+            f"/workflows/{self.workflow_id(session_id)}"
         )
 
 

@@ -24,6 +24,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from config.settings import Settings, get_settings
 from starters.api import install as install_sessions_api
+from starters.codec_server import codec_router
 from workers.logging import configure_logging
 from workers.temporal import connect
 from workflows.models import ROOM_PREFIX, RoomEvent, RoomEventKind
@@ -39,10 +40,22 @@ _KINDS = {
 }
 
 
+def session_workflow_id(room: str) -> str | None:
+    """The workflow of the session whose room is `room`, or None when it is no session's room (another app's).
+
+    A room's name is its session's workflow id: `session-<deployment>-<id>` (this deployment's sessions), and
+    `session-<id>` for sessions started before deployments existed, which must go on hearing of their room
+    while they run. A room of another deployment maps to a workflow this namespace does not have (the signal
+    finds nothing and the event is acknowledged); on a shared LiveKit project a room name is one room, so a
+    workflow that does answer to it owns that very room.
+    """
+    return room if room.startswith(ROOM_PREFIX) else None
+
+
 def room_event_from_webhook(event: api.WebhookEvent) -> RoomEvent | None:
-    """The session signal for a LiveKit webhook event, or None when the session need not hear of it."""
+    """The session signal for a LiveKit webhook event, or None when no session need hear of it."""
     kind = _KINDS.get(event.event)
-    if kind is None or not event.room.name.startswith(ROOM_PREFIX):
+    if kind is None or session_workflow_id(event.room.name) is None:
         return None
     identity = event.participant.identity or None
     if kind is not RoomEventKind.ROOM_FINISHED:
@@ -65,6 +78,7 @@ def create_app(settings: Settings, client: Client | None = None) -> FastAPI:
         yield
 
     app = FastAPI(title="sessionflow gateway", lifespan=lifespan)
+    app.include_router(codec_router(settings))  # /codec/encode, /codec/decode for the Temporal UI and CLI
     install_sessions_api(app, settings)
     if client is not None:
         app.state.temporal = client  # also for in-process use without a lifespan (tests on an ASGI transport)
@@ -87,9 +101,9 @@ def create_app(settings: Settings, client: Client | None = None) -> FastAPI:
             log.warning("webhook rejected", reason=str(e) or type(e).__name__)
             raise HTTPException(status_code=401, detail="invalid webhook signature") from None
         room_event = room_event_from_webhook(event)
-        if room_event is None:
+        workflow_id = session_workflow_id(event.room.name)
+        if room_event is None or workflow_id is None:
             return {"status": "ignored"}
-        workflow_id = event.room.name
         handle = request.app.state.temporal.get_workflow_handle(workflow_id)
         try:
             await handle.signal(SessionWorkflow.room_event, room_event)

@@ -20,6 +20,7 @@ from temporalio.service import RPCError, RPCStatusCode
 from starters.client import InvalidInput, SessionClient, SessionEnded, SessionNotFound
 from starters.text import table
 from starters.timeline import Moment, render, timeline
+from workers.codec import decode_history
 from workflows.models import ROOM_PREFIX, AvatarBilling, SessionKind, SessionStatus
 from workflows.search_attributes import AVATAR_SESSION_ID, SESSION_ID, SESSION_KIND, SESSION_STATUS
 
@@ -63,6 +64,7 @@ async def read_session(sessions: SessionClient, session_id: str) -> SessionRepor
             ) from None
         raise
     attributes = desc.typed_search_attributes
+    converter = sessions.client.data_converter  # payloads are encrypted in history (workers/codec.py)
     report = SessionReport(
         session_id=session_id,
         kind=attributes.get(SESSION_KIND),
@@ -70,7 +72,7 @@ async def read_session(sessions: SessionClient, session_id: str) -> SessionRepor
         status=attributes.get(SESSION_STATUS),
         started_at=desc.start_time,
         ended_at=desc.close_time,
-        moments=timeline(await handle.fetch_history(), sessions.client.data_converter),
+        moments=timeline(await decode_history(await handle.fetch_history(), converter.payload_codec), converter),
         ui_url=sessions.ui_url(session_id),
     )
     if desc.status is WorkflowExecutionStatus.RUNNING:
@@ -163,6 +165,11 @@ def render_billing(billing: Sequence[AvatarBilling], now: datetime) -> str:
 # ---- finding sessions ----------------------------------------------------------------------------------------
 
 
+# Sessions only: the reaper's sweeps (their own workflow type, on their own task queue) never show. The same text
+# is the Temporal UI's saved view "sessions" (docs/support.md) and the base of every `sessionflow list`.
+SESSIONS_QUERY = "WorkflowType = 'SessionWorkflow'"
+
+
 @dataclass(frozen=True)
 class SessionFilter:
     """Which sessions `sessionflow list` asks for. Built only by `session_filter`, from the enums' own values,
@@ -173,7 +180,7 @@ class SessionFilter:
     limit: int = 20
 
     def query(self) -> str:
-        clauses = ["WorkflowType = 'SessionWorkflow'"]
+        clauses = [SESSIONS_QUERY]
         if self.status is not None:
             clauses.append(f"{SESSION_STATUS.name} = '{self.status.value}'")
         if self.kind is not None:

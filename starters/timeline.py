@@ -116,6 +116,8 @@ def timeline(history: WorkflowHistory, converter: DataConverter) -> list[Moment]
 def _describe_arg(arg: object) -> str:
     if isinstance(arg, dict):
         parts = [str(v) for k, v in arg.items() if k in ("identity", "kind", "reason", "by") and v]
+        if isinstance(arg.get("granted"), bool):  # a consent update: which way it went
+            parts.append("granted" if arg["granted"] else "withdrawn")
         return f" ({', '.join(parts)})" if parts else ""
     return ""
 

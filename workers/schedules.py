@@ -1,7 +1,9 @@
 """Temporal Schedules the engine keeps: the `sessionflow-reaper` sweep.
 
 `ensure_reaper_schedule` is idempotent and called by every worker process at start (`run_worker`), so a
-deploy that changes `SESSIONFLOW_REAPER_EVERY` / `SESSIONFLOW_REAPER_GRACE` updates the running Schedule.
+deploy that changes `SESSIONFLOW_REAPER_EVERY` / `SESSIONFLOW_REAPER_GRACE` updates the running Schedule. Its
+task queue is always `SESSIONFLOW_REAPER_TASK_QUEUE`, whatever queue the worker that starts last serves: a
+worker started for a test or a canary on its own queue must not take the sweeps away from the fleet.
 """
 
 from __future__ import annotations
@@ -37,14 +39,14 @@ REAPER_RUN_TIMEOUT = timedelta(minutes=8)
 REAPER_CATCHUP_WINDOW = timedelta(minutes=1)
 
 
-def reaper_schedule(settings: Settings, task_queue: str) -> Schedule:
-    """The reaper's Schedule: a sweep every `reaper_every_s` on `task_queue`, never two at once."""
+def reaper_schedule(settings: Settings) -> Schedule:
+    """The reaper's Schedule: a sweep every `reaper_every_s` on `reaper_task_queue`, never two at once."""
     return Schedule(
         action=ScheduleActionStartWorkflow(
             ReaperWorkflow.run,
             ReapRequest(grace_seconds=settings.reaper_grace_s, dry_run=False),
             id=REAPER_SCHEDULE_ID,  # each run's id is this plus the scheduled time
-            task_queue=task_queue,
+            task_queue=settings.reaper_task_queue,
             execution_timeout=REAPER_RUN_TIMEOUT,
             static_summary="reaper: release rooms and avatars no running session owns",
         ),
@@ -53,15 +55,18 @@ def reaper_schedule(settings: Settings, task_queue: str) -> Schedule:
     )
 
 
-async def ensure_reaper_schedule(client: Client, settings: Settings, task_queue: str) -> ScheduleHandle:
+async def ensure_reaper_schedule(client: Client, settings: Settings) -> ScheduleHandle:
     """Create the `sessionflow-reaper` Schedule, or bring an existing one to the current spec.
 
     An existing Schedule keeps its state, so an operator's pause (and its note) survives a worker restart.
     """
-    schedule = reaper_schedule(settings, task_queue)
+    schedule = reaper_schedule(settings)
     try:
         handle = await client.create_schedule(REAPER_SCHEDULE_ID, schedule)
-        log.info("reaper schedule created", schedule_id=REAPER_SCHEDULE_ID, every_s=settings.reaper_every_s)
+        log.info(
+            "reaper schedule created",
+            schedule_id=REAPER_SCHEDULE_ID, every_s=settings.reaper_every_s, task_queue=settings.reaper_task_queue,
+        )
         return handle
     except ScheduleAlreadyRunningError:
         pass
@@ -71,5 +76,8 @@ async def ensure_reaper_schedule(client: Client, settings: Settings, task_queue:
 
     handle = client.get_schedule_handle(REAPER_SCHEDULE_ID)
     await handle.update(keep_state)
-    log.info("reaper schedule updated", schedule_id=REAPER_SCHEDULE_ID, every_s=settings.reaper_every_s)
+    log.info(
+        "reaper schedule updated",
+        schedule_id=REAPER_SCHEDULE_ID, every_s=settings.reaper_every_s, task_queue=settings.reaper_task_queue,
+    )
     return handle

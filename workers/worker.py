@@ -1,4 +1,5 @@
-"""The worker process: runs SessionWorkflow and every activity on one task queue."""
+"""The worker process: SessionWorkflow and its activities on the sessions' task queue, and the reaper's sweeps
+on a task queue of their own (`SESSIONFLOW_REAPER_TASK_QUEUE`), so its runs never mix with sessions."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from workflows.session import SessionWorkflow
 
 log = structlog.get_logger("sessionflow.worker")
 
-WORKFLOWS = [SessionWorkflow, ReaperWorkflow]
+WORKFLOWS = [SessionWorkflow]
 
 
 def activities_for(settings: Settings) -> list[Callable[..., Any]]:
@@ -33,11 +34,12 @@ def activities_for(settings: Settings) -> list[Callable[..., Any]]:
         lk.create_room,
         lk.delete_room,
         lk.mint_participant_token,
+        lk.start_recording,
+        lk.stop_recording,
         avatar.create_avatar_session,
         avatar.start_avatar_session,
         avatar.keep_avatar_alive,
         avatar.stop_avatar_session,
-        ReaperActivities(settings).reap_orphans,
     ]
 
 
@@ -55,18 +57,34 @@ def build_worker(client: Client, settings: Settings, *, task_queue: str | None =
     )
 
 
+def build_reaper_worker(client: Client, settings: Settings, *, task_queue: str | None = None) -> Worker:
+    """The reaper's worker: only `ReaperWorkflow` and its one activity, on `reaper_task_queue` (the Schedule's)."""
+    return Worker(
+        client,
+        task_queue=task_queue or settings.reaper_task_queue,
+        workflows=[ReaperWorkflow],
+        activities=[ReaperActivities(settings).reap_orphans],
+        graceful_shutdown_timeout=timedelta(seconds=5),
+        max_heartbeat_throttle_interval=timedelta(seconds=5),
+    )
+
+
 async def run_worker(settings: Settings | None = None) -> None:
     """Run until SIGTERM or SIGINT, then shut down gracefully: nothing is torn down, work is handed over."""
     settings = settings or get_settings()
     client = await connect(settings)
     worker = build_worker(client, settings)
-    await ensure_reaper_schedule(client, settings, settings.task_queue)
+    reaper = build_reaper_worker(client, settings)
+    await ensure_reaper_schedule(client, settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    log.info("worker started", task_queue=settings.task_queue, temporal=settings.temporal_address)
-    async with worker:
+    log.info(
+        "worker started",
+        task_queue=settings.task_queue, reaper_task_queue=settings.reaper_task_queue, temporal=settings.temporal_address,
+    )
+    async with worker, reaper:
         await stop.wait()
         log.info("worker shutting down", reason="signal")
     log.info("worker stopped")

@@ -31,14 +31,18 @@ from workflows.models import (
     AvatarBilling,
     AvatarEndedBy,
     AvatarStart,
+    ConsentEvent,
     CreateAvatarInput,
     CreateRoomInput,
     EndReason,
     MintTokenInput,
+    RecordingReport,
+    RecordingStatus,
     SessionOutcome,
     SessionSpec,
     SessionState,
     SessionStatus,
+    StartRecordingInput,
     WhenLost,
     avatar_identity_for,
     avatar_identity_prefix,
@@ -47,6 +51,9 @@ from workflows.models import (
 # A fresh avatar session is started this long before the current one reaches its max_session_duration.
 ROTATION_MARGIN = timedelta(seconds=60)
 PARTICIPANT_TOKEN_TTL = timedelta(minutes=15)  # LiveKit refreshes the token of a connected client
+# A participant's token expires at the latest this long after the session's hard cap (max_duration_cap): a token
+# that outlives its session can re-create the room on a server that auto-creates rooms (LiveKit Cloud).
+TOKEN_GRACE = timedelta(minutes=1)
 # LiveKit keeps the room this long after the last person leaves, on top of their reconnect grace.
 DEPARTURE_MARGIN = timedelta(minutes=1)
 # Besides the roster, the room holds the engine's own participants: the avatar and the room monitor.
@@ -165,6 +172,35 @@ class TimerFired:
     """The shell's wait for `next_deadline()` ran out."""
 
 
+@dataclass(frozen=True)
+class Consent:
+    """The `consent` update: `identity` grants or withdraws consent to record the session."""
+
+    identity: str
+    granted: bool
+
+
+@dataclass(frozen=True)
+class RecordingBegan:
+    egress_id: str
+
+
+@dataclass(frozen=True)
+class RecordingStartFailed:
+    detail: str
+
+
+@dataclass(frozen=True)
+class RecordingStopped:
+    egress_id: str
+
+
+@dataclass(frozen=True)
+class RecordingStopFailed:
+    egress_id: str
+    detail: str
+
+
 Event = (
     RoomCreated
     | RoomCreateFailed
@@ -184,6 +220,11 @@ Event = (
     | Failed
     | Extended
     | TimerFired
+    | Consent
+    | RecordingBegan
+    | RecordingStartFailed
+    | RecordingStopped
+    | RecordingStopFailed
 )
 
 # ---- commands: what the shell must do ----------------------------------------------------------------------
@@ -247,6 +288,20 @@ class PublishStatus:
     status: SessionStatus
 
 
+@dataclass(frozen=True)
+class StartRecording:
+    """Start the room's egress. Answered by RecordingBegan or RecordingStartFailed."""
+
+    request: StartRecordingInput
+
+
+@dataclass(frozen=True)
+class StopRecording:
+    """Answered by RecordingStopped or RecordingStopFailed."""
+
+    egress_id: str
+
+
 Command = (
     CreateRoom
     | DeleteRoom
@@ -257,6 +312,8 @@ Command = (
     | CancelKeepAlive
     | StopAvatarSession
     | PublishStatus
+    | StartRecording
+    | StopRecording
 )
 
 
@@ -299,6 +356,12 @@ class RoomFull(Refusal):
 
 class ExtendBeyondCap(Refusal):
     kind = "ExtendBeyondCap"
+
+
+class NotRecorded(Refusal):
+    """Consent was asked of a session that is not recorded."""
+
+    kind = "NotRecorded"
 
 
 class UnexpectedEvent(RuntimeError):
@@ -389,6 +452,26 @@ class AvatarPlan:
         return self.creating is not None or self.incoming is not None
 
 
+class RecordingPhase(StrEnum):
+    IDLE = "idle"  # not recording (waiting for consent)
+    STARTING = "starting"  # start_recording in flight
+    LIVE = "live"
+    STOPPING = "stopping"  # stop_recording in flight
+    UNAVAILABLE = "unavailable"  # the start was refused: not tried again in this session
+
+
+@dataclass
+class Recording:
+    """The session's recording and the consents that gate it."""
+
+    phase: RecordingPhase = RecordingPhase.IDLE
+    egress_id: str | None = None  # the live (or stopping) egress
+    egress_ids: list[str] = field(default_factory=list)
+    consented: set[str] = field(default_factory=set)
+    consents: list[ConsentEvent] = field(default_factory=list)
+    detail: str | None = None
+
+
 @dataclass
 class People:
     present: set[str] = field(default_factory=set)
@@ -421,6 +504,7 @@ class SessionMachine:
         self.live_since: datetime | None = None
         self.ended_at: datetime | None = None
         self.recoveries: list[str] = []
+        self.recording = Recording()
         self._seen: deque[str] = deque(maxlen=SEEN_EVENT_IDS)
 
     # -- reading -------------------------------------------------------------------------------------------
@@ -545,8 +629,12 @@ class SessionMachine:
             )
         ]
 
-    def admit(self, identity: str) -> MintTokenInput:
-        """Admit `identity` (raises a typed refusal) and say which token to mint for them."""
+    def admit(self, identity: str, now: datetime | None = None) -> MintTokenInput:
+        """Admit `identity` (raises a typed refusal) and say which token to mint for them.
+
+        With `now`, the token expires no later than the session may last (`participant_token_ttl`); without it,
+        after PARTICIPANT_TOKEN_TTL, as sessions that started before the bound existed keep doing.
+        """
         self.check_join(identity)
         participant = self.spec.participant(identity)
         assert participant is not None
@@ -556,8 +644,13 @@ class SessionMachine:
             identity=participant.identity,
             name=participant.name,
             role=participant.role,
-            ttl=PARTICIPANT_TOKEN_TTL,
+            ttl=PARTICIPANT_TOKEN_TTL if now is None else self.participant_token_ttl(now),
         )
+
+    def participant_token_ttl(self, now: datetime) -> timedelta:
+        """PARTICIPANT_TOKEN_TTL, cut to end TOKEN_GRACE after the hard cap: no extend can make the session last
+        longer, and a token that outlived it could bring its room back."""
+        return max(min(PARTICIPANT_TOKEN_TTL, self.hard_deadline + TOKEN_GRACE - now), timedelta(seconds=1))
 
     def handle(self, event: Event, now: datetime) -> list[Command]:
         """Apply one event; return the commands it calls for (a status upsert first when the status moved)."""
@@ -626,6 +719,8 @@ class SessionMachine:
                 return []
             case TimerFired():
                 return self._on_timer(now)
+            case Consent() | RecordingBegan() | RecordingStartFailed() | RecordingStopped() | RecordingStopFailed():
+                return self._on_recording_event(event, now)
         raise UnexpectedEvent(f"unknown event {event!r}")
 
     def _seen_before(self, event_id: str | None) -> bool:
@@ -653,7 +748,7 @@ class SessionMachine:
         if self.people.joined:  # someone was reported in the room before its create was confirmed
             self.live_since = now
             self._refresh_status()
-        return self._maybe_request_avatar(now)
+        return self._maybe_request_avatar(now) + self._steer_recording()
 
     def _on_room_create_failed(self, detail: str, now: datetime) -> list[Command]:
         room = self._expect_room(RoomPhase.CREATING, RoomCreateFailed(detail))
@@ -919,6 +1014,100 @@ class SessionMachine:
             self.recoveries.append(f"avatar replacement {self.avatar.replacements} after: {self.avatar.problem}")
         return self._create_avatar(now)
 
+    # -- recording and consent -----------------------------------------------------------------------------
+    #
+    #   idle -> starting -> live -> stopping -> idle   (again when everyone consents again)
+    #           starting -> unavailable                (the server refused: the session goes on unrecorded)
+    #
+    # The room is recorded only while everyone `spec.recording.participants` names consents, the room exists
+    # and the session is not ending. Every consent event is kept, for the outcome.
+
+    def check_consent(self, identity: str) -> None:
+        """Raise a typed refusal if `identity` may not give or withdraw consent now (the update's validator)."""
+        if self.spec.recording is None:
+            raise NotRecorded(f"session {self.spec.session_id!r} is not recorded; there is no consent to give")
+        if self.ending:
+            raise self._ended_refusal("consent no longer matters")
+        if identity not in self.spec.recording.participants:
+            raise UnknownParticipant(
+                f"{identity!r} is not asked for consent to record session {self.spec.session_id!r}; "
+                f"those asked are: {', '.join(self.spec.recording.participants)}"
+            )
+
+    def _wants_recording(self) -> bool:
+        spec = self.spec.recording
+        return (
+            spec is not None
+            and self.ending is None
+            and self.room.phase is RoomPhase.LIVE
+            and self.recording.consented >= set(spec.participants)
+        )
+
+    def _on_recording_event(self, event: Event, now: datetime) -> list[Command]:
+        rec = self.recording
+        match event:
+            case Consent(identity, granted):
+                self.check_consent(identity)
+                rec.consents.append(ConsentEvent(identity=identity, granted=granted, at=now))
+                if granted:
+                    rec.consented.add(identity)
+                else:
+                    rec.consented.discard(identity)
+            case RecordingBegan(egress_id):
+                self._expect_recording(RecordingPhase.STARTING, event)
+                rec.phase, rec.egress_id = RecordingPhase.LIVE, egress_id
+                rec.egress_ids.append(egress_id)
+            case RecordingStartFailed(detail):
+                self._expect_recording(RecordingPhase.STARTING, event)
+                rec.phase, rec.detail = RecordingPhase.UNAVAILABLE, f"recording could not start: {detail}"
+                return []
+            case RecordingStopped(egress_id):
+                self._expect_recording(RecordingPhase.STOPPING, event)
+                rec.phase, rec.egress_id = RecordingPhase.IDLE, None
+            case RecordingStopFailed(egress_id, detail):
+                self._expect_recording(RecordingPhase.STOPPING, event)
+                rec.phase, rec.egress_id = RecordingPhase.IDLE, None
+                rec.detail = f"recording {egress_id} could not be stopped: {detail}"
+                # Recording on without consent is not an option: deleting the room ends every egress in it.
+                return self._end(EndReason.RECORDING_NOT_STOPPED, rec.detail, now)
+        return self._steer_recording()
+
+    def _expect_recording(self, phase: RecordingPhase, event: Event) -> None:
+        if self.recording.phase is not phase:
+            raise UnexpectedEvent(f"{event!r} while the recording is {self.recording.phase}")
+
+    def _steer_recording(self) -> list[Command]:
+        """Start or stop the egress so that the room is recorded exactly while it is wanted."""
+        rec, wanted = self.recording, self._wants_recording()
+        if wanted and rec.phase is RecordingPhase.IDLE:
+            rec.phase = RecordingPhase.STARTING
+            return [StartRecording(StartRecordingInput(session_id=self.spec.session_id, room=self.spec.room_name))]
+        if not wanted and rec.phase is RecordingPhase.LIVE:
+            assert rec.egress_id is not None
+            rec.phase = RecordingPhase.STOPPING
+            return [StopRecording(rec.egress_id)]
+        return []  # starting: steered again once the start settles; stopping: once the stop does
+
+    def recording_report(self) -> RecordingReport | None:
+        spec, rec = self.spec.recording, self.recording
+        if spec is None:
+            return None
+        status = {
+            RecordingPhase.IDLE: RecordingStatus.WAITING_FOR_CONSENT,
+            RecordingPhase.STARTING: RecordingStatus.STARTING,
+            RecordingPhase.LIVE: RecordingStatus.RECORDING,
+            RecordingPhase.STOPPING: RecordingStatus.STOPPING,
+            RecordingPhase.UNAVAILABLE: RecordingStatus.UNAVAILABLE,
+        }[rec.phase]
+        return RecordingReport(
+            status=status,
+            consented=sorted(rec.consented),
+            waiting_for=[p for p in spec.participants if p not in rec.consented],
+            consents=list(rec.consents),
+            egress_ids=list(rec.egress_ids),
+            detail=rec.detail,
+        )
+
     # -- timers --------------------------------------------------------------------------------------------
 
     def _on_timer(self, now: datetime) -> list[Command]:
@@ -964,7 +1153,7 @@ class SessionMachine:
         self.avatar.retry_at = self.avatar.rotate_at = None
         self.avatar.incoming = None  # an avatar still starting is stopped once its start settles
         self.people.reconnect_by.clear()
-        return self._release_all()
+        return self._steer_recording() + self._release_all()
 
     def _release_all(self) -> list[Command]:
         stops: list[Command] = []
@@ -986,6 +1175,8 @@ class SessionMachine:
             return []
         if self.room.phase not in (RoomPhase.NONE, RoomPhase.GONE):
             return []
+        if self.recording.phase in (RecordingPhase.STARTING, RecordingPhase.STOPPING):
+            return []  # an egress on its way up or down: its answer must find the session
         if any(a.phase is not AvatarPhase.STOPPED for a in self.avatars.values()):
             return []
         self.status = SessionStatus.FAILED if self.ending.reason is EndReason.FAILED else SessionStatus.ENDED
@@ -1015,6 +1206,7 @@ class SessionMachine:
             end_reason=self.end_reason,
             end_detail=(self.ending.detail if self.ending else None) or plan.problem,
             avatar_billing=self.avatar_billing(),
+            recording=self.recording_report(),
         )
 
     def outcome(self) -> SessionOutcome:
@@ -1033,6 +1225,7 @@ class SessionMachine:
             recoveries=list(self.recoveries),
             participants_joined=list(self.people.joined),
             avatar_billing=self.avatar_billing(),
+            recording=self.recording_report(),
         )
 
 

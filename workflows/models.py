@@ -17,6 +17,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    StrictBool,
     StringConstraints,
     TypeAdapter,
     WithJsonSchema,
@@ -31,14 +32,30 @@ Identity = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]
 DisplayName = Annotated[str, StringConstraints(min_length=1, max_length=128)]
 
 ROOM_PREFIX = "session-"
+# A deployment's name (settings `SESSIONFLOW_DEPLOYMENT`): no '-', so one deployment's prefix never starts another's.
+Deployment = Annotated[str, StringConstraints(pattern=r"^[a-z0-9]{1,20}$")]
 MAX_METADATA_BYTES = 4096
 # Identities the engine itself uses in a room; a human participant may not take them.
 RESERVED_IDENTITY_PREFIXES = ("avatar-", "monitor-")
 
 
-def workflow_id_for(session_id: str) -> str:
-    """The workflow id, which is also the LiveKit room name: every resource we create carries it."""
-    return f"{ROOM_PREFIX}{session_id}"
+def deployment_prefix(deployment: str) -> str:
+    """Every workflow id and room name of `deployment` starts with this, and nothing of another's does."""
+    return f"{ROOM_PREFIX}{deployment}-"
+
+
+def workflow_id_for(session_id: str, deployment: str | None = None) -> str:
+    """The workflow id, which is also the LiveKit room name: every resource we create carries it.
+
+    `session-<deployment>-<id>`; without a deployment the older `session-<id>` (sessions started before
+    deployments existed keep their names, and their histories replay unchanged)."""
+    return f"{deployment_prefix(deployment)}{session_id}" if deployment else f"{ROOM_PREFIX}{session_id}"
+
+
+def session_id_of(workflow_id: str, deployment: str) -> str:
+    """The session id in `workflow_id` (`session-<deployment>-<id>`, or the older `session-<id>`)."""
+    prefix = deployment_prefix(deployment)
+    return workflow_id.removeprefix(prefix) if workflow_id.startswith(prefix) else workflow_id.removeprefix(ROOM_PREFIX)
 
 
 def avatar_identity_for(session_id: str, n: int) -> str:
@@ -127,6 +144,8 @@ class EndReason(StrEnum):
     PARTICIPANT_LOST = "participant_lost"  # someone dropped and did not return within the grace window
     CANCELLED = "cancelled"
     FAILED = "failed"
+    # Consent was withdrawn but the recording could not be stopped: the room is closed to stop it.
+    RECORDING_NOT_STOPPED = "recording_not_stopped"
 
 
 class Participant(StrictInput):
@@ -166,11 +185,21 @@ class AvatarSpec(StrictInput):
     max_session_duration: Annotated[Duration, Field(ge=timedelta(minutes=2), le=timedelta(hours=8))] = timedelta(hours=1)
 
 
+class RecordingSpec(StrictInput):
+    """Record the session (a LiveKit room composite egress), but only while every one of `participants` has
+    consented (the `consent` update): it starts once the last of them grants, and stops when any withdraws."""
+
+    participants: Annotated[list[Identity], Field(min_length=1, max_length=50)]
+
+
 class SessionSpec(StrictInput):
     """Everything a session needs to know, fixed when it starts."""
 
     session_id: SessionId
     kind: Annotated[SessionKind, Field(strict=False)]
+    # Set by SessionClient from its settings (a caller may leave it out); None only in sessions started before
+    # deployments existed, whose rooms keep the older names.
+    deployment: Deployment | None = None
     participants: Annotated[list[Participant], Field(min_length=1, max_length=50)]
     avatar: AvatarSpec | None = None
     max_duration: Annotated[Duration, Field(ge=timedelta(seconds=30), le=timedelta(hours=8))] = timedelta(hours=1)
@@ -183,6 +212,8 @@ class SessionSpec(StrictInput):
     reconnect_grace: Annotated[Duration, Field(ge=timedelta(0), le=timedelta(minutes=30))] = timedelta(seconds=60)
     when_participant_lost: Annotated[WhenLost, Field(strict=False)] = WhenLost.CONTINUE
     metadata: dict[Annotated[str, StringConstraints(max_length=64)], Annotated[str, StringConstraints(max_length=1024)]] = {}
+    # None: the session is never recorded (and `consent` is refused).
+    recording: RecordingSpec | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> SessionSpec:
@@ -190,6 +221,13 @@ class SessionSpec(StrictInput):
         dupes = sorted({i for i in identities if identities.count(i) > 1})
         if dupes:
             raise ValueError(f"participant identities must be unique; repeated: {', '.join(dupes)}")
+        if self.recording is not None:
+            asked = self.recording.participants
+            strangers = sorted(set(asked) - set(identities))
+            if strangers:
+                raise ValueError(f"recording asks consent of identities not on the roster: {', '.join(strangers)}")
+            if len(set(asked)) != len(asked):
+                raise ValueError("recording.participants must be unique")
         if self.max_duration_cap < self.max_duration:
             raise ValueError("max_duration_cap must be at least max_duration")
         size = len(json.dumps(self.metadata, separators=(",", ":")).encode())
@@ -199,11 +237,11 @@ class SessionSpec(StrictInput):
 
     @property
     def workflow_id(self) -> str:
-        return workflow_id_for(self.session_id)
+        return workflow_id_for(self.session_id, self.deployment)
 
     @property
     def room_name(self) -> str:
-        return workflow_id_for(self.session_id)
+        return workflow_id_for(self.session_id, self.deployment)
 
     @property
     def room_capacity(self) -> int:
@@ -238,6 +276,13 @@ class EndRequest(StrictInput):
 
 class ExtendRequest(StrictInput):
     by: Annotated[Duration, Field(gt=timedelta(0), le=timedelta(hours=4))]
+
+
+class ConsentRequest(StrictInput):
+    """A participant grants (`granted`) or withdraws consent to record the session."""
+
+    identity: Identity
+    granted: StrictBool
 
 
 class RoomEventKind(StrEnum):
@@ -296,6 +341,15 @@ class AvatarRef(Strict):
     avatar_session_id: str
 
 
+class StartRecordingInput(Strict):
+    session_id: str
+    room: str
+
+
+class RecordingStarted(Strict):
+    egress_id: str
+
+
 # ---- what the outside reads ------------------------------------------------------------------------------
 
 
@@ -317,6 +371,37 @@ class AvatarBilling(BaseModel):
     seconds: float  # billed, from started_at to ended_at (0 until it has ended)
     end_reason: str | None  # why it was stopped or ended (None while it serves)
     ended_by: AvatarEndedBy | None
+
+
+class RecordingStatus(StrEnum):
+    WAITING_FOR_CONSENT = "waiting_for_consent"  # not recording: someone has not consented (or withdrew)
+    STARTING = "starting"
+    RECORDING = "recording"
+    STOPPING = "stopping"
+    UNAVAILABLE = "unavailable"  # the server refused or could not start it: the session goes on unrecorded
+
+
+class ConsentEvent(BaseModel):
+    """One `consent` update, as the session took it."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    identity: str
+    granted: bool
+    at: datetime
+
+
+class RecordingReport(BaseModel):
+    """The session's recording: where it stands, every consent given or withdrawn, every egress started."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    status: RecordingStatus
+    consented: list[str]  # who consents now
+    waiting_for: list[str]  # whose consent is still missing
+    consents: list[ConsentEvent]
+    egress_ids: list[str]
+    detail: str | None  # why it is unavailable, or why a stop failed
 
 
 class SessionState(BaseModel):
@@ -343,6 +428,8 @@ class SessionState(BaseModel):
     end_detail: str | None
     # Every avatar session so far. A default, so a state from a worker that predates it still parses.
     avatar_billing: list[AvatarBilling] = Field(default_factory=list)
+    # None: the session is not recorded. A default, so a state from a worker that predates it still parses.
+    recording: RecordingReport | None = None
 
 
 class SessionOutcome(BaseModel):
@@ -365,3 +452,5 @@ class SessionOutcome(BaseModel):
     participants_joined: list[str]
     # One row per avatar session. A default, so outcomes recorded before it existed (memos, results) still parse.
     avatar_billing: list[AvatarBilling] = Field(default_factory=list)
+    # The recording and every consent event (None: not recorded). A default, for outcomes recorded before it.
+    recording: RecordingReport | None = None

@@ -1,6 +1,6 @@
 """The reaper's data: what one sweep is asked to do, and what it found and released.
 
-The reaper removes LiveKit rooms and LiveAvatar sessions that no running session workflow owns (DESIGN.md,
+The reaper removes LiveKit rooms and LiveAvatar sessions of ours that no running session workflow owns (DESIGN.md,
 "What catches what the workflow cannot see"). These models travel through Temporal with the pydantic data
 converter; they import nothing of ours.
 """
@@ -32,6 +32,10 @@ class ReapReport(BaseModel):
     rooms_released: list[str] = []
     avatars_seen: int = 0
     avatars_released: list[str] = []
+    # Left alone because nothing proves them ours: rooms without this deployment's prefix, avatar sessions no
+    # workflow of this namespace recorded (counts only: another app's resource names stay out of our history).
+    rooms_not_ours: int = 0
+    avatars_not_ours: int = 0
     # Unowned, but younger than the grace period: looked at again on the next sweep.
     skipped_young: list[str] = []
     # One readable line per item (or listing) that could not be checked or released; the next sweep retries.

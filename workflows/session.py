@@ -33,6 +33,7 @@ with workflow.unsafe.imports_passed_through():
         CancelKeepAlive,
         CancelRequested,
         Command,
+        Consent,
         CreateAvatarSession,
         CreateRoom,
         Deadline,
@@ -47,6 +48,10 @@ with workflow.unsafe.imports_passed_through():
         ParticipantLeft,
         PublishAvatarSessions,
         PublishStatus,
+        RecordingBegan,
+        RecordingStartFailed,
+        RecordingStopFailed,
+        RecordingStopped,
         Refusal,
         RoomClosed,
         RoomCreated,
@@ -54,29 +59,36 @@ with workflow.unsafe.imports_passed_through():
         RoomDeleted,
         SessionMachine,
         StartAvatarSession,
+        StartRecording,
         StopAvatarSession,
+        StopRecording,
         TimerFired,
     )
     from workflows.models import AvatarCreated as AvatarCreatedResult
     from workflows.models import (
         AvatarRef,
+        ConsentRequest,
         EndReason,
         EndRequest,
         ExtendRequest,
         JoinGrant,
         JoinRequest,
+        RecordingStarted,
         RoomEvent,
         RoomEventKind,
         SessionOutcome,
         SessionSpec,
         SessionState,
         StartAvatarInput,
+        StartRecordingInput,
     )
     from workflows.search_attributes import AVATAR_SESSION_ID, SESSION_STATUS
 
 # Activity options. Cleanup retries forever: a session is not over until everything it holds is released.
 QUICK = RetryPolicy(initial_interval=timedelta(milliseconds=200), maximum_interval=timedelta(seconds=5), maximum_attempts=10)
 FOREVER = RetryPolicy(initial_interval=timedelta(milliseconds=500), maximum_interval=timedelta(seconds=30), maximum_attempts=0)
+# A recording start is tried twice: a server without egress (or one that refuses) leaves the session unrecorded.
+RECORDING_START = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_attempts=2)
 AVATAR_START = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=10), maximum_attempts=3)
 KEEPALIVE = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=15), maximum_attempts=0)
 KEEPALIVE_HEARTBEAT = timedelta(seconds=10)
@@ -87,6 +99,7 @@ T = TypeVar("T")
 PATCH_LATE_CANCEL_KEEPS_OUTCOME = "late-cancel-keeps-outcome"  # a cancel after the end no longer discards the outcome
 PATCH_OUTCOME_MEMO = "outcome-memo"  # the outcome is kept in the memo, readable after any close
 PATCH_LOCAL_TOKEN = "local-token"  # a join's token is minted by a local activity (one workflow task less)
+PATCH_TOKEN_TTL_WITHIN_SESSION = "token-ttl-within-session"  # a participant's token expires by the hard cap + grace
 
 
 class Bug(RuntimeError):
@@ -235,6 +248,14 @@ class SessionWorkflow:
                     self._keepalives[avatar_id] = self._spawn(self._keep_alive(avatar_id))
                 case CancelKeepAlive(avatar_id):
                     self._keepalives[avatar_id].cancel()
+                case StartRecording(request):
+                    self._spawn(self._start_recording(request))
+                case StopRecording(egress_id):
+                    self._spawn(self._run(
+                        "stop_recording", egress_id, f"stop recording {egress_id}",
+                        lambda: RecordingStopped(egress_id), lambda detail: RecordingStopFailed(egress_id, detail),
+                        start_to_close_timeout=timedelta(seconds=20), retry_policy=QUICK,
+                    ))
                 case StopAvatarSession(avatar_id):
                     self._spawn(self._run(
                         "stop_avatar_session", AvatarRef(avatar_session_id=avatar_id), f"stop avatar {avatar_id}",
@@ -301,6 +322,23 @@ class SessionWorkflow:
             return
         self._apply(AvatarCreated(created.avatar_session_id, created.session_token))
 
+    async def _start_recording(self, request: StartRecordingInput) -> None:
+        try:
+            started: RecordingStarted = await workflow.execute_activity(
+                "start_recording",
+                request,
+                result_type=RecordingStarted,
+                start_to_close_timeout=timedelta(seconds=30),
+                retry_policy=RECORDING_START,
+                summary=f"start recording room {request.room} (everyone consented)",
+            )
+        except ActivityError as e:
+            # The activity's own message names the call and the server's answer; its causes only the plumbing.
+            cause = e.cause
+            self._apply(RecordingStartFailed(cause.message if isinstance(cause, ApplicationError) else _describe(e)))
+            return
+        self._apply(RecordingBegan(started.egress_id))
+
     async def _keep_alive(self, avatar_id: str) -> None:
         try:
             await workflow.execute_activity(
@@ -330,7 +368,8 @@ class SessionWorkflow:
     async def join(self, request: JoinRequest) -> JoinGrant:
         """Admit a participant of the roster and hand back their grant, once the room exists."""
         await workflow.wait_condition(lambda: self._machine.join_decidable)
-        token_request = self._ask(lambda: self._machine.admit(request.identity))
+        now = workflow.now() if workflow.patched(PATCH_TOKEN_TTL_WITHIN_SESSION) else None
+        token_request = self._ask(lambda: self._machine.admit(request.identity, now))
         summary = f"token for {request.identity} ({token_request.role})"
         if workflow.patched(PATCH_LOCAL_TOKEN):
             # Signing a token is a few milliseconds of local work: as a local activity it runs inside this workflow
@@ -375,6 +414,20 @@ class SessionWorkflow:
     @extend.validator
     def _validate_extend(self, request: ExtendRequest) -> None:
         self._ask(lambda: self._machine.check_extend(request.by))
+
+    @workflow.update
+    def consent(self, request: ConsentRequest) -> SessionState:
+        """A participant grants or withdraws consent to record the session; the recording follows at once.
+
+        No `workflow.patched` needed: only sessions whose spec has `recording` (a field no session started before
+        it can hold) ever start or stop a recording, and sessions without it refuse this update in its validator.
+        """
+        self._ask(lambda: self._apply(Consent(request.identity, request.granted)))
+        return self._machine.state()
+
+    @consent.validator
+    def _validate_consent(self, request: ConsentRequest) -> None:
+        self._ask(lambda: self._machine.check_consent(request.identity))
 
     @workflow.signal
     def room_event(self, event: RoomEvent) -> None:

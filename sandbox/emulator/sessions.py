@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+import jwt
+
 from .avatar import Avatar, AvatarJoinError
 from .config import EmulatorConfig
 from .envelope import ApiError
@@ -91,7 +93,18 @@ class EmulatedSession:
             "livekit_room": self.livekit.livekit_room if self.livekit else None,
             "avatar_identity": self.avatar.identity if self.avatar else None,
             "avatar_present": bool(self.avatar and self.avatar.present),
+            "livekit_client_token_expires_at": _expiry(self.livekit.livekit_client_token) if self.livekit else None,
         }
+
+
+def _expiry(token: str) -> str | None:
+    """When the LiveKit token a caller handed in expires (its `exp`), never the token itself: tests check how long
+    the tokens they give LiveAvatar stay usable."""
+    try:
+        exp = jwt.decode(token, options={"verify_signature": False}).get("exp")
+    except jwt.PyJWTError:
+        return None
+    return datetime.fromtimestamp(exp, UTC).isoformat() if isinstance(exp, int | float) else None
 
 
 class SessionRegistry:

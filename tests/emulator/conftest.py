@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import uuid
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -21,15 +20,6 @@ from config.settings import Settings
 from sandbox.emulator import serve
 from tests.support.emulator import TEST_CONFIG, Emulator, EmulatorFactory
 from tests.support.livekit import LiveKit
-
-HERE = Path(__file__).parent
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    # The local LiveKit dev secret ("secret") is short on purpose; PyJWT warns on every token signed with it.
-    for item in items:
-        if HERE in item.path.parents:
-            item.add_marker(pytest.mark.filterwarnings("ignore::jwt.InsecureKeyLengthWarning"))
 
 
 @pytest.fixture(scope="session")

@@ -11,10 +11,12 @@ import pytest
 from livekit import api
 
 from config.settings import Settings
+from workflows.models import workflow_id_for
 
 pytestmark = pytest.mark.stack
 
-BODY = json.dumps({"event": "room_finished", "id": "EV_test", "room": {"name": "session-nobody"}})
+# A room of this deployment's whose session does not exist.
+BODY = json.dumps({"event": "room_finished", "id": "EV_test", "room": {"name": workflow_id_for("nobody", Settings().deployment)}})
 
 
 def signed(body: str, key: str, secret: str) -> str:

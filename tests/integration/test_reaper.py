@@ -36,7 +36,7 @@ from tests.support.livekit import room_names
 from tests.support.polling import eventually
 from tests.support.specs import interview
 from workers.schedules import REAPER_SCHEDULE_ID, ensure_reaper_schedule
-from workers.worker import build_worker
+from workers.worker import build_reaper_worker, build_worker
 from workflows.reaper import ReaperWorkflow
 from workflows.reaper_models import ReapReport, ReapRequest
 
@@ -52,13 +52,23 @@ class LiveSession:
     avatar_session_id: str
 
 
-async def reap(sessions: SessionClient, *, grace_seconds: float = 0.0, dry_run: bool = False) -> ReapReport:
-    """One sweep now, on this module's worker, exactly as the Schedule would run it."""
+@pytest.fixture(scope="module")
+async def reaper_queue(temporal: Client, stack: Settings) -> AsyncIterator[str]:
+    """A reaper worker of this module's own, on its own queue, as `sessionflow worker` runs one."""
+    queue = f"it-reaper-{uuid.uuid4().hex[:8]}"
+    async with build_reaper_worker(temporal, stack, task_queue=queue):
+        yield queue
+
+
+async def reap(
+    sessions: SessionClient, reaper_queue: str, *, grace_seconds: float = 0.0, dry_run: bool = False
+) -> ReapReport:
+    """One sweep now, on this module's reaper worker, exactly as the Schedule would run it."""
     return await sessions.client.execute_workflow(
         ReaperWorkflow.run,
         ReapRequest(grace_seconds=grace_seconds, dry_run=dry_run),
         id=f"it-reap-{uuid.uuid4().hex[:10]}",
-        task_queue=sessions.task_queue,
+        task_queue=reaper_queue,
     )
 
 
@@ -115,11 +125,12 @@ async def abandoned_session(
 
 
 async def test_the_reaper_releases_a_terminated_sessions_room_and_avatar_and_keeps_a_running_ones(
-    temporal: Client, stack: Settings, sessions: SessionClient, livekit: api.LiveKitAPI, liveavatar: LiveAvatarClient
+    temporal: Client, stack: Settings, sessions: SessionClient, livekit: api.LiveKitAPI, liveavatar: LiveAvatarClient,
+    reaper_queue: str,
 ) -> None:
     running = await start_avatar_session(sessions, liveavatar)
     async with abandoned_session(temporal, stack, livekit, liveavatar) as (orphan, terminated_at):
-        report = await reap(sessions)
+        report = await reap(sessions, reaper_queue)
         released_s = time.monotonic() - terminated_at
 
         assert orphan.room in report.rooms_released and orphan.avatar_session_id in report.avatars_released
@@ -136,20 +147,21 @@ async def test_the_reaper_releases_a_terminated_sessions_room_and_avatar_and_kee
 
 
 async def test_a_dry_run_reports_the_orphans_and_releases_nothing(
-    temporal: Client, stack: Settings, sessions: SessionClient, livekit: api.LiveKitAPI, liveavatar: LiveAvatarClient
+    temporal: Client, stack: Settings, sessions: SessionClient, livekit: api.LiveKitAPI, liveavatar: LiveAvatarClient,
+    reaper_queue: str,
 ) -> None:
     async with abandoned_session(temporal, stack, livekit, liveavatar) as (orphan, _):
-        report = await reap(sessions, dry_run=True)
+        report = await reap(sessions, reaper_queue, dry_run=True)
         assert report.dry_run
         assert orphan.room in report.rooms_released and orphan.avatar_session_id in report.avatars_released
         assert await room_names(livekit, orphan.room) == [orphan.room]
         assert await avatar_active(liveavatar, orphan.avatar_session_id)
 
-        young = await reap(sessions, grace_seconds=3600, dry_run=True)
+        young = await reap(sessions, reaper_queue, grace_seconds=3600, dry_run=True)
         assert {orphan.room, orphan.avatar_session_id} <= set(young.skipped_young)
         assert orphan.room not in young.rooms_released and orphan.avatar_session_id not in young.avatars_released
 
-        cleaned = await reap(sessions)
+        cleaned = await reap(sessions, reaper_queue)
         assert orphan.room in cleaned.rooms_released and orphan.avatar_session_id in cleaned.avatars_released
         assert await room_names(livekit, orphan.room) == []
 
@@ -171,18 +183,18 @@ async def test_the_keep_alive_net_releases_a_terminated_session_without_the_reap
 
 
 async def test_the_reaper_releases_a_session_room_that_no_workflow_ever_owned(
-    sessions: SessionClient, livekit: api.LiveKitAPI
+    sessions: SessionClient, livekit: api.LiveKitAPI, reaper_queue: str
 ) -> None:
-    room = f"session-it-nowf-{uuid.uuid4().hex[:8]}"
+    room = sessions.workflow_id(f"it-nowf-{uuid.uuid4().hex[:8]}")  # our deployment's prefix, no workflow
     await livekit.room.create_room(api.CreateRoomRequest(name=room, empty_timeout=600))
     foreign = f"not-ours-{uuid.uuid4().hex[:8]}"
     await livekit.room.create_room(api.CreateRoomRequest(name=foreign, empty_timeout=600))
     try:
-        young = await reap(sessions, grace_seconds=3600)
+        young = await reap(sessions, reaper_queue, grace_seconds=3600)
         assert room in young.skipped_young and room not in young.rooms_released
         assert await room_names(livekit, room) == [room]
 
-        report = await reap(sessions)
+        report = await reap(sessions, reaper_queue)
         assert room in report.rooms_released
         assert await room_names(livekit, room) == []
         # Only rooms with our prefix are ours to judge.
@@ -192,19 +204,24 @@ async def test_the_reaper_releases_a_session_room_that_no_workflow_ever_owned(
 
 
 async def test_the_reaper_schedule_is_kept_at_the_current_spec_and_its_sweeps_run(
-    temporal: Client, stack: Settings, sessions: SessionClient
+    temporal: Client, stack: Settings, sessions: SessionClient, reaper_queue: str
 ) -> None:
-    queue = sessions.task_queue
+    queue = reaper_queue
+    configured = stack.model_copy(update={"reaper_task_queue": queue})
     try:  # left by a worker process: start from nothing, to cover creation too
         await temporal.get_schedule_handle(REAPER_SCHEDULE_ID).delete()
     except RPCError as e:
         if e.status is not RPCStatusCode.NOT_FOUND:  # no schedule yet is fine; anything else is a real failure
             raise
-    handle = await ensure_reaper_schedule(temporal, stack.model_copy(update={"reaper_every_s": 45.0}), queue)
+    handle = await ensure_reaper_schedule(temporal, configured.model_copy(update={"reaper_every_s": 45.0}))
     try:
         await handle.pause(note="test: an operator paused it")
-        # A second worker start with other settings updates the Schedule instead of failing, and keeps the pause.
-        await ensure_reaper_schedule(temporal, stack.model_copy(update={"reaper_every_s": 20.0, "reaper_grace_s": 5.0}), queue)
+        # A second worker start with other settings updates the Schedule instead of failing, and keeps the pause;
+        # a worker serving another sessions queue (a canary, a test) does not take the sweeps to its own queue.
+        await ensure_reaper_schedule(
+            temporal,
+            configured.model_copy(update={"reaper_every_s": 20.0, "reaper_grace_s": 5.0, "task_queue": "a-canary-queue"}),
+        )
         described = await handle.describe()
         assert [i.every for i in described.schedule.spec.intervals] == [timedelta(seconds=20)]
         assert described.schedule.policy.overlap is ScheduleOverlapPolicy.SKIP

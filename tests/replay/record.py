@@ -5,6 +5,10 @@ history is written to `histories/<name>.<CORPUS_VERSION>.json`. Recording only e
 is left as it is. After a change to what the workflow does, bump CORPUS_VERSION and record again; the new
 histories sit beside the old ones and every one of them must still replay (guard the change with
 `workflow.patched`, see tests/replay/test_replay.py).
+
+Histories are written encrypted with the corpus's test key (tests/replay/codec-test-key.json, via
+tests/support/codec.py), like every other file in the corpus; `python -m tests.replay.encrypt` encrypts a
+plaintext history recorded elsewhere.
 """
 
 from __future__ import annotations
@@ -19,19 +23,30 @@ from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
 from temporalio.testing import WorkflowEnvironment
 
 from tests.support.binaries import venv_binary
+from tests.support.codec import corpus_data_converter
 from tests.support.replay_scenarios import SCENARIOS
-from workers.temporal import data_converter
 from workflows.search_attributes import SEARCH_ATTRIBUTES
 
 # The generation of the workflow these histories come from: v1 are the three files without a version in
 # their name (recorded from the integration tests before the decision core moved into the machine); v2 the
-# decision core; v3 the join's token minted by a local activity (`workflow.patched("local-token")`).
-CORPUS_VERSION = "v3"
+# decision core; v3 the join's token minted by a local activity (`workflow.patched("local-token")`); v5 (v4 is the
+# room monitor's) participant tokens bounded by the hard cap (`workflow.patched("token-ttl-within-session")`) and
+# rooms named with the deployment (`session-<deployment>-<id>`).
+CORPUS_VERSION = "v5"
 HISTORIES = Path(__file__).parent / "histories"
 
 
 def history_path(name: str, version: str = CORPUS_VERSION) -> Path:
     return HISTORIES / f"{name}.{version}.json"
+
+
+async def add_search_attributes(env: WorkflowEnvironment) -> None:
+    await env.client.operator_service.add_search_attributes(
+        AddSearchAttributesRequest(
+            namespace=env.client.namespace,
+            search_attributes={k.name: IndexedValueType.ValueType(k.indexed_value_type) for k in SEARCH_ATTRIBUTES},
+        )
+    )
 
 
 async def record(names: list[str]) -> int:
@@ -40,15 +55,10 @@ async def record(names: list[str]) -> int:
         print(f"no such scenario: {', '.join(unknown)}; known: {', '.join(SCENARIOS)}", file=sys.stderr)
         return 2
     env = await WorkflowEnvironment.start_time_skipping(
-        test_server_existing_path=venv_binary("temporal-test-server"), data_converter=data_converter()
+        test_server_existing_path=venv_binary("temporal-test-server"), data_converter=corpus_data_converter()
     )
     try:
-        await env.client.operator_service.add_search_attributes(
-            AddSearchAttributesRequest(
-                namespace=env.client.namespace,
-                search_attributes={k.name: IndexedValueType.ValueType(k.indexed_value_type) for k in SEARCH_ATTRIBUTES},
-            )
-        )
+        await add_search_attributes(env)
         for name in names or list(SCENARIOS):
             path = history_path(name)
             if path.exists():

@@ -19,10 +19,14 @@ from temporalio.worker import Replayer
 from temporalio.workflow import NondeterminismError
 
 from tests.support.mutations import MUTATIONS
-from workers.temporal import data_converter
 from workflows.machine import SessionMachine
 from workflows.models import SessionOutcome, SessionSpec
 from workflows.session import QUICK, SessionWorkflow
+
+# This module defines a workflow (below), so the workflow sandbox re-imports it; the codec's native crypto
+# library cannot be imported twice and has no business in a workflow: it passes through.
+with workflow.unsafe.imports_passed_through():
+    from tests.support.codec import corpus_data_converter
 
 HISTORY_DIR = Path(__file__).parent / "histories"
 HISTORIES = sorted(HISTORY_DIR.glob("*.json"))
@@ -36,6 +40,10 @@ EXPECTED = {
     )),
     # The join's token minted by a local activity (workflow.patched("local-token")).
     *(f"{name}.v3" for name in ("interview_happy_path", "coaching_happy_path", "livekit_down")),
+    # Participant tokens bounded by the hard cap (workflow.patched("token-ttl-within-session")), rooms named with
+    # the deployment.
+    # ...and recording only with consent (spec.recording, the `consent` update).
+    *(f"{name}.v5" for name in ("interview_happy_path", "coaching_happy_path", "consent_recording", "consent_recording_refused")),
 }
 
 
@@ -44,7 +52,7 @@ def load(path: Path) -> WorkflowHistory:
 
 
 async def replay(path: Path, workflow_class: type = SessionWorkflow) -> BaseException | None:
-    replayer = Replayer(workflows=[workflow_class], data_converter=data_converter())
+    replayer = Replayer(workflows=[workflow_class], data_converter=corpus_data_converter())
     return (await replayer.replay_workflow(load(path), raise_on_replay_failure=False)).replay_failure
 
 

@@ -1,6 +1,7 @@
 """Lax coercion is gone from the input models, and what earlier releases wrote still reads.
 
-The input models (`SessionSpec`, `Participant`, `AvatarSpec`, `JoinRequest`, `EndRequest`, `ExtendRequest`)
+The input models (`SessionSpec`, `Participant`, `AvatarSpec`, `JoinRequest`, `EndRequest`, `ExtendRequest`,
+`ConsentRequest`, `RecordingSpec`)
 refuse `"3"` for 3 and `true` for a duration in both ways they are read: from Python values (the client, the
 HTTP API) and from JSON (the data converter reading workflow payloads). A duration is a whole number of
 seconds or an ISO 8601 string, which is what every recorded history holds.
@@ -20,8 +21,8 @@ from temporalio.api.enums.v1 import EventType
 from temporalio.client import WorkflowHistory
 
 from config.settings import DEFAULT_AVATAR_ID
-from workers.temporal import data_converter
-from workflows.models import EndRequest, ExtendRequest, JoinRequest, SessionKind, SessionSpec
+from tests.support.codec import corpus_data_converter
+from workflows.models import ConsentRequest, EndRequest, ExtendRequest, JoinRequest, SessionKind, SessionSpec
 
 HISTORIES = sorted((Path(__file__).parents[1] / "replay" / "histories").glob("*.json"))
 
@@ -91,17 +92,19 @@ def test_enums_take_their_values_and_members() -> None:
     assert SessionSpec.model_validate(spec_data(kind=SessionKind.COACHING)).kind is SessionKind.COACHING
 
 
-def test_a_spec_written_by_the_converter_reads_back_equal() -> None:
-    spec = SessionSpec.model_validate(spec_data(max_duration=900, reconnect_grace="PT30S"))
+async def test_a_spec_written_by_the_converter_reads_back_equal() -> None:
+    spec = SessionSpec.model_validate(spec_data(max_duration=900, reconnect_grace="PT30S", deployment="local"))
     request = JoinRequest(identity="cand", spec=spec)
-    [payload] = data_converter().payload_converter.to_payloads([request])
-    [back] = data_converter().payload_converter.from_payloads([payload], [JoinRequest])
+    converter = corpus_data_converter()
+    [back] = await converter.decode(await converter.encode([request]), [JoinRequest])
     assert back == request and back.spec == spec
 
 
 def _recorded_inputs() -> list[tuple[str, type[BaseModel], Payload]]:
     """Every session spec and update input in the replay corpus, with the model it must read as."""
-    models: dict[str, type[BaseModel]] = {"join": JoinRequest, "end": EndRequest, "extend": ExtendRequest}
+    models: dict[str, type[BaseModel]] = {
+        "join": JoinRequest, "end": EndRequest, "extend": ExtendRequest, "consent": ConsentRequest,
+    }
     found: list[tuple[str, type[BaseModel], Payload]] = []
     for path in HISTORIES:
         history = WorkflowHistory.from_json(path.stem, path.read_text())
@@ -115,14 +118,14 @@ def _recorded_inputs() -> list[tuple[str, type[BaseModel], Payload]]:
     return found
 
 
-def test_every_recorded_input_still_reads() -> None:
+async def test_every_recorded_input_still_reads() -> None:
     """What earlier releases wrote (lax models, no `spec` in a join) reads under the strict models, in JSON
     mode as the converter reads it; `tests/replay` replays the same histories whole."""
     inputs = _recorded_inputs()
-    assert {model for _, model, _ in inputs} == {SessionSpec, JoinRequest, EndRequest, ExtendRequest}
-    converter = data_converter().payload_converter
+    assert {model for _, model, _ in inputs} == {SessionSpec, JoinRequest, EndRequest, ExtendRequest, ConsentRequest}
+    converter = corpus_data_converter()  # the corpus is encrypted with its test key
     for name, model, payload in inputs:
-        [value] = converter.from_payloads([payload], [model])
+        [value] = await converter.decode([payload], [model])
         assert isinstance(value, model), name
         if isinstance(value, JoinRequest):
             assert value.spec is None  # recorded before joins carried their spec

@@ -101,7 +101,7 @@ async def test_join_extend_state_end_over_http(api: Api) -> None:
     r = await join(api, {"spec": session, "identity": "cand"})
     assert r.status_code == 200, r.text
     grant = r.json()
-    assert grant["identity"] == "cand" and grant["room"] == f"session-{sid}" and grant["token"]
+    assert grant["identity"] == "cand" and grant["room"] == api.sessions.workflow_id(sid) and grant["token"]
     # Idempotent: the same join again is a fresh grant for the same session.
     assert (await join(api, {"spec": session, "identity": "watcher"})).status_code == 200
     state = (await api.http.get(f"/v1/sessions/{sid}/state")).json()

@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
+from temporalio import activity
 from temporalio.client import WorkflowHandle
+from temporalio.exceptions import ApplicationError
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
@@ -24,7 +26,15 @@ from config.settings import Settings
 from starters.client import SessionClient, SessionEnded
 from tests.support.polling import eventually
 from tests.support.worlds import Outcome, ScriptedWorld, StubWorld
-from workflows.models import RoomEvent, RoomEventKind, SessionOutcome, SessionSpec
+from workflows.models import (
+    RecordingStarted,
+    RecordingStatus,
+    RoomEvent,
+    RoomEventKind,
+    SessionOutcome,
+    SessionSpec,
+    StartRecordingInput,
+)
 from workflows.session import SessionWorkflow
 
 AVATAR = "dd73ea75-1218-4ef3-92ce-606d5f7fbc0a"
@@ -312,6 +322,64 @@ async def cancel_after_end(env: WorkflowEnvironment) -> Handle:
         return handle
 
 
+# ---- recording with consent (CORPUS_VERSION v5) ---------------------------------------------------------------
+
+
+@dataclass
+class RecordingWorld(StubWorld):
+    """The stub world with an egress service: each start gets the next egress id, or is refused."""
+
+    refuse_recording: bool = False
+
+    @activity.defn(name="start_recording")
+    async def start_recording(self, inp: StartRecordingInput) -> RecordingStarted:
+        self.calls.append(("start_recording", inp.room))
+        if self.refuse_recording:
+            raise ApplicationError("LiveKit refused to start recording: 503 unavailable", type="LiveKit_unavailable")
+        return RecordingStarted(egress_id=f"EG_{sum(1 for name in self.names() if name == 'start_recording')}")
+
+    @activity.defn(name="stop_recording")
+    async def stop_recording(self, egress_id: str) -> None:
+        self.calls.append(("stop_recording", egress_id))
+
+    def all(self) -> list[Callable[..., Any]]:
+        return [*super().all(), self.start_recording, self.stop_recording]
+
+
+async def _recording(r: Rig, s: SessionSpec, status: RecordingStatus) -> None:
+    await r.state_is(s, lambda st: st.recording is not None and st.recording.status is status, f"recording {status}")
+
+
+async def consent_recording(env: WorkflowEnvironment) -> Handle:
+    async with rig(env, RecordingWorld()) as r:
+        s = spec("consent", recording={"participants": ["cand", "panel"]})
+        handle = await r.sessions.start(s)
+        await r.sessions.join_running(s.session_id, "cand")
+        await r.signal(handle, RoomEventKind.PARTICIPANT_JOINED, "cand")
+        await r.sessions.consent(s.session_id, "cand", True)
+        await r.sessions.consent(s.session_id, "panel", True)
+        await _recording(r, s, RecordingStatus.RECORDING)
+        await r.sessions.consent(s.session_id, "panel", False)  # withdrawn: stopped
+        await _recording(r, s, RecordingStatus.WAITING_FOR_CONSENT)
+        await r.sessions.consent(s.session_id, "panel", True)
+        await _recording(r, s, RecordingStatus.RECORDING)
+        await r.sessions.end(s.session_id, "interview over")  # stops it before closing
+        await handle.result()
+        return handle
+
+
+async def consent_recording_refused(env: WorkflowEnvironment) -> Handle:
+    async with rig(env, RecordingWorld(refuse_recording=True)) as r:
+        s = spec("norecord", recording={"participants": ["cand"]})
+        handle = await r.sessions.start(s)
+        await r.sessions.join_running(s.session_id, "cand")
+        await r.sessions.consent(s.session_id, "cand", True)
+        await _recording(r, s, RecordingStatus.UNAVAILABLE)  # the session goes on unrecorded
+        await r.sessions.end(s.session_id, "interview over")
+        await handle.result()
+        return handle
+
+
 async def _closed(handle: Handle) -> None:
     async def closed() -> bool:
         return (await handle.describe()).status.name != "RUNNING"  # type: ignore[union-attr]  # describe always has a status
@@ -324,6 +392,6 @@ SCENARIOS: dict[str, Callable[[WorkflowEnvironment], Awaitable[Handle]]] = {
     for f in (
         interview_happy_path, coaching_happy_path, avatar_crash_and_replacement, avatar_rotation, participant_lost,
         no_show, max_duration, extend, end_during_avatar_start, cancel, terminate_live, worker_killed_mid_start,
-        livekit_down, room_create_fails, cancel_after_end,
+        livekit_down, room_create_fails, cancel_after_end, consent_recording, consent_recording_refused,
     )
 }

@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from config.settings import DEFAULT_AVATAR_ID
+from config.settings import DEFAULT_AVATAR_ID, get_settings
 from workflows.models import SessionSpec
 
 
@@ -14,6 +14,8 @@ def interview(**overrides: Any) -> SessionSpec:
     return SessionSpec.model_validate(
         {
             "session_id": f"it-{uuid.uuid4().hex[:10]}",
+            # As SessionClient sets it, so `room_name` and `workflow_id` are the ones the session really uses.
+            "deployment": get_settings().deployment,
             "kind": "interview",
             "participants": [
                 {"identity": "cand", "role": "candidate", "name": "Candidate"},

@@ -31,6 +31,7 @@ from workflows.machine import (
     CancelKeepAlive,
     CancelRequested,
     Command,
+    Consent,
     CreateAvatarSession,
     CreateRoom,
     Deadline,
@@ -46,6 +47,8 @@ from workflows.machine import (
     ParticipantLeft,
     PublishAvatarSessions,
     PublishStatus,
+    RecordingBegan,
+    RecordingStopFailed,
     Refusal,
     RoomClosed,
     RoomCreated,
@@ -70,6 +73,7 @@ from workflows.models import (
     EndReason,
     MintTokenInput,
     Participant,
+    RecordingSpec,
     Role,
     SessionKind,
     SessionOutcome,
@@ -1003,6 +1007,12 @@ def _ended_by(reason: EndReason) -> tuple[SessionMachine, list[Command]]:
         m = live(NO_AVATAR)
         m.handle(ParticipantLeft("alice"), at(2))
         return m, m.handle(TimerFired(), at(3))
+    if reason is EndReason.RECORDING_NOT_STOPPED:
+        m = live(NO_AVATAR.model_copy(update={"recording": RecordingSpec(participants=["alice"])}))
+        m.handle(Consent("alice", granted=True), at(2))
+        m.handle(RecordingBegan("EG_1"), at(2))
+        m.handle(Consent("alice", granted=False), at(3))
+        return m, m.handle(RecordingStopFailed("EG_1", "egress unreachable"), at(4))
     m = live(NO_AVATAR)
     ends: dict[EndReason, tuple[Event, datetime]] = {
         EndReason.REQUESTED: (EndRequested("done"), at(5)),

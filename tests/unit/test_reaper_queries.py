@@ -88,3 +88,19 @@ def test_a_resource_is_orphaned_only_when_no_owner_is_running(owners: list[S | N
 )
 def test_the_grace_period_spares_young_orphans_only(owners: list[S | None], age_s: float | None, expected: Verdict) -> None:
     assert verdict(owners, age_s, grace_s=60.0) is expected
+
+
+@pytest.mark.parametrize(
+    ("owners", "age_s", "expected"),
+    [
+        ([], 3600.0, Verdict.NOT_OURS),  # no workflow of ours recorded it: another app's, however old
+        ([], None, Verdict.NOT_OURS),
+        ([S.RUNNING], 3600.0, Verdict.OWNED),
+        ([S.TERMINATED], 5.0, Verdict.YOUNG),
+        ([S.COMPLETED], 3600.0, Verdict.ORPHAN),  # recorded by a session of ours that has closed
+    ],
+)
+def test_an_avatar_session_is_judged_only_when_a_workflow_of_ours_recorded_it(
+    owners: list[S | None], age_s: float | None, expected: Verdict
+) -> None:
+    assert verdict(owners, age_s, grace_s=60.0, needs_recorded_owner=True) is expected

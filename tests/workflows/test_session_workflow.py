@@ -14,6 +14,7 @@ from temporalio.client import WorkflowExecutionStatus, WorkflowFailureError, Wor
 from temporalio.common import SearchAttributeKey
 from temporalio.exceptions import ApplicationError
 
+from config.settings import Settings
 from starters.client import (
     ExtendBeyondCap,
     RoomFull,
@@ -45,6 +46,7 @@ from workflows.session import SessionWorkflow
 def make_spec(**overrides: Any) -> SessionSpec:
     base: dict[str, Any] = {
         "session_id": f"s-{uuid.uuid4().hex[:12]}",
+        "deployment": Settings().deployment,  # as SessionClient sets it: `room_name` is the real one
         "kind": "interview",
         "participants": [
             {"identity": "cand", "role": "candidate"},

@@ -56,6 +56,7 @@ ROSTER = [{"identity": "cand", "role": "candidate"}, {"identity": "coach", "role
 def spec_for(variant: str) -> SessionSpec:
     base: dict[str, Any] = {
         "session_id": f"p-{uuid.uuid4().hex[:12]}",
+        "deployment": Settings().deployment,  # as SessionClient sets it: `room_name` is the real one
         "kind": "interview",
         "participants": ROSTER,
         "max_duration": timedelta(minutes=30),

@@ -1,0 +1,43 @@
+"""Sessions started before deployments existed keep their `session-<id>` names while they run: the gateway still
+delivers their room's webhooks (a session that never heard its participant join would end as a no-show)."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import httpx
+import pytest
+
+from config.settings import Settings
+from starters.client import SessionClient
+from tests.integration.test_gateway import gateway_url, signed
+from tests.support.polling import eventually
+from tests.support.specs import interview
+from workflows.models import EndRequest, JoinRequest
+from workflows.session import SessionWorkflow
+
+pytestmark = pytest.mark.stack
+
+
+async def test_a_session_named_the_older_way_still_hears_of_its_room(stack: Settings, sessions: SessionClient) -> None:
+    spec = interview(avatar=None, deployment=None)  # as a client before deployments existed started it
+    assert spec.room_name == f"session-{spec.session_id}"
+    handle = await sessions.client.start_workflow(
+        SessionWorkflow.run, spec, id=spec.workflow_id, task_queue=sessions.task_queue
+    )
+    await handle.execute_update(SessionWorkflow.join, JoinRequest(identity="cand"))
+    body = json.dumps({
+        "event": "participant_joined", "id": f"EV_{uuid.uuid4().hex}",
+        "room": {"name": spec.room_name}, "participant": {"identity": "cand"},
+    })
+    key, secret = stack.livekit_api_key, stack.livekit_api_secret.get_secret_value()
+    async with httpx.AsyncClient() as http:
+        r = await http.post(gateway_url(stack), content=body, headers={"Authorization": signed(body, key, secret)})
+    assert r.status_code == 200 and r.json()["status"] == "delivered"
+
+    async def present() -> bool:
+        return "cand" in (await handle.query(SessionWorkflow.state)).present
+
+    await eventually(present, what="the older-named session to hear its participant joined", timeout=10)
+    await handle.execute_update(SessionWorkflow.end, EndRequest(reason="done"))
