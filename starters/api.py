@@ -37,6 +37,7 @@ from config.settings import ApiKeyHash, Settings
 from starters.client import (
     ExtendBeyondCap,
     InvalidInput,
+    NotRecorded,
     RoomFull,
     SessionCancelled,
     SessionClient,
@@ -81,6 +82,7 @@ ERRORS: tuple[tuple[type[SessionError], int], ...] = (
     (SessionEnded, 409),
     (RoomFull, 409),
     (ExtendBeyondCap, 409),
+    (NotRecorded, 409),  # consent for a session that records nothing (the consent endpoint is wired by the lead)
     (Unavailable, 503),
     (SessionError, 503),
 )
