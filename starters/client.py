@@ -104,8 +104,11 @@ _REFUSALS: dict[str, type[SessionError]] = {
     "NotRecorded": NotRecorded,
     "SpecChanged": SpecChanged,
 }
-# RPC statuses that mean "Temporal did not answer": the request may be sent again as it is.
-_UNAVAILABLE = {RPCStatusCode.UNAVAILABLE, RPCStatusCode.DEADLINE_EXCEEDED, RPCStatusCode.RESOURCE_EXHAUSTED}
+# RPC statuses that mean "no answer in time": the request may be sent again as it is. CANCELLED is the server's
+# "Timeout expired" for a query (or update) that no worker picked up.
+_UNAVAILABLE = {
+    RPCStatusCode.UNAVAILABLE, RPCStatusCode.DEADLINE_EXCEEDED, RPCStatusCode.RESOURCE_EXHAUSTED, RPCStatusCode.CANCELLED,
+}
 _SESSION_ID = TypeAdapter(SessionId)
 _CLOSED = {
     WorkflowExecutionStatus.COMPLETED: "ended",
@@ -360,7 +363,10 @@ class SessionClient:
             ):
                 raise _NotReady() from e
             if e.status in _UNAVAILABLE:
-                raise Unavailable(f"Temporal did not answer for session {session_id!r} ({e.message}); it is safe to retry") from e
+                raise Unavailable(
+                    f"no answer for session {session_id!r} ({e.message}): is Temporal up, and a worker "
+                    f"(`sessionflow worker`) polling task queue {self.task_queue!r}? It is safe to retry"
+                ) from e
             if e.status not in (RPCStatusCode.NOT_FOUND, RPCStatusCode.FAILED_PRECONDITION):
                 raise
             # An update or query to a closed session: say it has ended, never "not found".

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime, timedelta
 from typing import Any
@@ -23,6 +24,7 @@ from config.settings import Settings, parse_api_keys
 from starters.api import ERRORS, new_api_key, status_for
 from starters.client import InvalidInput, SessionClient, SessionError, Unavailable
 from starters.gateway import create_app
+from tests.security.test_cli_errors import sessionflow
 from tests.support.http_api import AVATAR, Api, api_on, spec, stack_temporal
 from workers.temporal import data_converter
 
@@ -360,3 +362,25 @@ async def test_temporal_unavailable_is_a_503_that_says_retry(settings: Settings)
                 await via_client
             assert "safe to retry" in assert_error(await via_http, 503, "Unavailable")["message"]
         assert_error(await http.get("/v1/sessions"), 503, "Unavailable")
+
+
+async def test_a_session_no_worker_answers_is_a_503_and_one_line_in_the_cli(api: Api, settings: Settings) -> None:
+    """A session whose workflow nobody runs (no worker on its task queue): the query times out on the server.
+    The client raises `Unavailable`, the API says 503, the CLI one line naming the worker; all at once, since
+    each waits for the server's timeout."""
+    orphan = SessionClient(api.sessions.client, settings, task_queue=f"nobody-polls-{uuid.uuid4().hex[:8]}")
+    session = spec()
+    sid = session["session_id"]
+    handle = await orphan.start(session)
+    try:
+        via_client, via_http, via_cli = await asyncio.gather(
+            orphan.state(sid), api.http.get(f"/v1/sessions/{sid}/state"), sessionflow("show", sid), return_exceptions=True
+        )
+        assert isinstance(via_client, Unavailable) and "worker" in str(via_client)
+        assert isinstance(via_http, httpx.Response)
+        assert_error(via_http, 503, "Unavailable")
+        assert isinstance(via_cli, tuple)
+        rc, _, err = via_cli
+        assert rc == 2 and err.startswith("sessionflow: error: no answer for session") and err.count("\n") == 1, err
+    finally:
+        await handle.terminate("test over: it never ran, so it holds nothing")  # no worker: no room, no avatar
