@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 SOURCES := workflows activities workers starters sandbox config bench tests
 
-.PHONY: install livekit stack lint test chaos demo bench record-histories clean
+.PHONY: install livekit stack lint test chaos cluster cluster-down cluster-test demo screenshots bench record-histories clean
 
 ## install: create .venv with $(PYTHON) if missing and install the project with its dev extras
 install: $(STAMP)
@@ -44,9 +44,25 @@ test: lint
 chaos: install
 	$(PY) -m pytest tests/chaos -m "chaos_long or not chaos_long" -s $(PYTEST_ARGS)
 
+## cluster: a multi-service Temporal cluster (v1.29.1 on PostgreSQL 15) in the background; first time builds the server
+cluster: install
+	$(PY) -m sandbox cluster up
+
+## cluster-down: stop it (the database stays; `python -m sandbox cluster down --wipe` removes it)
+cluster-down: install
+	$(PY) -m sandbox cluster down
+
+## cluster-test: the failover scenarios on the cluster (started if it is not up), one Temporal process killed at a time
+cluster-test: install
+	$(PY) -m pytest tests/cluster -m cluster -s $(PYTEST_ARGS)
+
 ## demo: run the end-to-end demo
 demo: install
 	$(PY) -m sandbox demo
+
+## screenshots: the demo session, then the Temporal UI screenshots of docs/support.md (headless Chromium from the OS)
+screenshots: install
+	$(PY) -m sandbox screenshots
 
 ## bench: measure session-ready time against a Temporal baseline (figures go in docs/benchmarks.md)
 bench: install
@@ -56,8 +72,9 @@ bench: install
 record-histories: install
 	$(PY) -m tests.replay.record $(NAMES)
 
-## clean: stop a stack left running and remove state, caches and build output (keeps .venv and the LiveKit cache)
+## clean: stop a stack (and a cluster) left running and remove state, caches and build output (keeps .venv and the LiveKit cache)
 clean:
 	-@test -x $(PY) && $(PY) -m sandbox down
+	-@test -x $(PY) && $(PY) -m sandbox cluster down
 	rm -rf .sessionflow .pytest_cache .hypothesis .mypy_cache .ruff_cache build
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +

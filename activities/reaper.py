@@ -33,6 +33,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from activities.liveavatar_client import LiveAvatarClient, LiveAvatarRateLimited, SessionEntry
 from activities.livekit import LiveKitActivities
+from activities.metrics import count_reaped
 from config.settings import Settings
 from workflows.models import deployment_prefix
 from workflows.reaper_models import ReapReport, ReapRequest
@@ -193,6 +194,7 @@ class ReaperActivities:
                 "errors": len(report.errors),
             },
         )
+        count_reaped(report)
         return report
 
     async def _reap_rooms(self, client: Client, req: ReapRequest, report: ReapReport) -> None:

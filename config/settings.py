@@ -70,6 +70,14 @@ class Settings(BaseSettings):
     temporal_tls: bool = Field(False, validation_alias=_env("TEMPORAL_TLS"))
     temporal_tls_cert: Path | None = Field(None, validation_alias=_env("TEMPORAL_TLS_CERT"))
     temporal_tls_key: Path | None = Field(None, validation_alias=_env("TEMPORAL_TLS_KEY"))
+    # A self-hosted cluster's own CA (Temporal Cloud's certificate chains to a public root: leave unset), and the
+    # name its certificate carries when that is not the host in TEMPORAL_ADDRESS (e.g. an address by IP).
+    temporal_tls_ca: Path | None = Field(None, validation_alias=_env("TEMPORAL_TLS_CA"))
+    temporal_tls_server_name: str | None = Field(None, validation_alias=_env("TEMPORAL_TLS_SERVER_NAME"))
+    # How long a request (join, end, extend, ...) keeps being retried while Temporal is unreachable, counted from
+    # its start: one history or frontend process restarting takes 5-15 s (reference/temporal-cluster.md),
+    # longer than the SDK's own 10 s retry budget. After it the caller gets `TemporalUnavailable` (safe to retry).
+    temporal_retry_deadline_s: float = Field(60.0, gt=0, validation_alias=_env("SESSIONFLOW_TEMPORAL_RETRY_DEADLINE"))
     temporal_ui_url: str = Field("http://127.0.0.1:8233", validation_alias=_env("TEMPORAL_UI_URL"))
     task_queue: str = Field("sessionflow", validation_alias=_env("SESSIONFLOW_TASK_QUEUE"))
     # Every room and workflow id this deployment creates starts with `session-<deployment>-`, so the reaper can
@@ -106,6 +114,16 @@ class Settings(BaseSettings):
     reaper_task_queue: str = Field(
         "sessionflow-reaper", min_length=1, validation_alias=_env("SESSIONFLOW_REAPER_TASK_QUEUE")
     )
+
+    # Support (workflows/search_attributes.py): the key of the opaque participant ids in `ParticipantIds`. Set a
+    # random one per deployment in production (the default is for the local stack); changing it makes the
+    # sessions started before unfindable by participant.
+    participant_id_key: SecretStr = Field(
+        SecretStr("sessionflow-local-participant-ids"), validation_alias=_env("SESSIONFLOW_PARTICIPANT_ID_KEY")
+    )
+    # Operators (workers/metrics.py): each worker serves Prometheus metrics on this loopback port (0: none).
+    metrics_host: str = Field("127.0.0.1", validation_alias=_env("SESSIONFLOW_METRICS_HOST"))
+    metrics_port: int = Field(9464, ge=0, le=65535, validation_alias=_env("SESSIONFLOW_METRICS_PORT"))
 
     # Gateway (LiveKit webhook receiver)
     gateway_host: str = Field("127.0.0.1", validation_alias=_env("SESSIONFLOW_GATEWAY_HOST"))

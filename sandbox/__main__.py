@@ -9,6 +9,9 @@
     python -m sandbox livekit              build the LiveKit server if it is not cached yet
     python -m sandbox dev                  the stack and a worker in this process, until Ctrl-C stops both
     python -m sandbox demo                 one scripted avatar interview on the stack (`make demo`)
+    python -m sandbox screenshots          the demo, then the Temporal UI screenshots of docs/support.md
+    python -m sandbox cluster up|down|status|env|kill NAME|start NAME|exec -- CMD
+                                           a multi-service Temporal cluster on PostgreSQL (sandbox/cluster.py)
 
 Common options: --services temporal,livekit,emulator,gateway   --port-offset N (or SESSIONFLOW_PORT_OFFSET)
                 --state-dir DIR (or SESSIONFLOW_STATE_DIR)      --timeout SECONDS
@@ -27,12 +30,17 @@ import sys
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
+from rich.markup import escape
 
 from sandbox.binaries import LIVEKIT_VERSION, ensure_livekit_server, livekit_server_path
 from sandbox.processes import StackError
 from sandbox.stack import SERVICE_NAMES, LocalStack, StackPorts, default_state_dir, stop_stack
+
+if TYPE_CHECKING:
+    from sandbox.cluster import ClusterPorts
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -46,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code = int(args.handler(args))
     except StackError as error:
-        console.print(f"[red]error:[/] {error}", markup=True, highlight=False)
+        console.print(f"[red]error:[/] {escape(str(error))}", markup=True, highlight=False)  # logs quoted in it hold [..]
         code = 1
     if getattr(args, "runs_temporal_client", False):
         # The Temporal runtime can crash at interpreter exit in short-lived processes (sdk-python#300).
@@ -177,6 +185,12 @@ def cmd_dev(_: argparse.Namespace) -> int:
     return _run_with_temporal_client(_dev, long_running=True)
 
 
+def cmd_screenshots(_: argparse.Namespace) -> int:
+    from sandbox.screenshots import screenshots  # drives Chromium and the Temporal SDK: only for this command
+
+    return _run_with_temporal_client(screenshots, long_running=False)
+
+
 def cmd_demo(_: argparse.Namespace) -> int:
     from sandbox.demo import demo  # the demo imports livekit rtc and the Temporal SDK: only for this command
 
@@ -219,6 +233,82 @@ def _run_with_temporal_client(command: Callable[[], Coroutine[object, object, in
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def cmd_cluster(args: argparse.Namespace) -> int:
+    """`python -m sandbox cluster ...`: the multi-service Temporal cluster (sandbox/cluster.py)."""
+    from sandbox.cluster import CLUSTER_PROCESSES, StackOnCluster, TemporalCluster
+
+    state_dir = _state_dir(args)
+    cluster = TemporalCluster(ports=_cluster_ports(args), state_dir=state_dir / "cluster", console=console)
+    action = args.action
+    if action == "up":
+        _raise_on_termination()
+        cluster.up()
+        timings = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in cluster.startup_seconds.items())
+        console.print(f"[bold]Temporal cluster[/] at {cluster.address} (namespace {cluster.namespace}; state and logs "
+                      f"in {cluster.state_dir})\n  [dim]ready: {timings}[/]\n"
+                      "Point the engine at it: eval \"$(python -m sandbox cluster env)\"; stop it: "
+                      "python -m sandbox cluster down")
+        return 0
+    if action == "down":
+        stopped = cluster.down()
+        if args.wipe or "--wipe" in args.rest:  # after the action, argparse leaves options in `rest`
+            cluster.wipe()
+        console.print("Stopped the cluster." if stopped else f"No cluster is recorded in {cluster.state_dir}.")
+        return 0
+    if action == "status":
+        alive = cluster.status()
+        for name in CLUSTER_PROCESSES:
+            console.print(f"  {name:<9} {'[green]running[/]' if alive[name] else '[red]down[/]'}")
+        serving = cluster.serving()
+        console.print(f"  frontend {cluster.address}: namespace {cluster.namespace} "
+                      + ("[green]serving[/]" if serving else "[red]not answering[/]"))
+        return 0 if serving and all(alive.values()) else 1
+    if action == "env":
+        for key, value in cluster.env.items():
+            print(f"export {key}={shlex.quote(value)}")
+        return 0
+    if action in ("kill", "start"):
+        if not args.rest:
+            raise StackError(f"name the process: python -m sandbox cluster {action} {'|'.join(CLUSTER_PROCESSES)}")
+        name = args.rest[0]
+        if action == "kill":
+            cluster.kill(name)
+            console.print(f"killed {name} (SIGKILL)")
+        else:
+            console.print(f"started {name}: ready in {cluster.start(name):.1f} s")
+        return 0
+    # exec: the rest of the local stack, pointed at the cluster, around CMD
+    command = args.rest[1:] if args.rest[:1] == ["--"] else list(args.rest)
+    if not command:
+        raise StackError("nothing to run: use `python -m sandbox cluster exec -- CMD ARGS...`")
+    if not cluster.serving():
+        raise StackError(f"no Temporal cluster answers at {cluster.address}: start it with `make cluster`")
+    stack = StackOnCluster(cluster, ports=StackPorts().shifted(_port_offset(args)), state_dir=state_dir / "on-cluster",
+                           console=console)
+    _raise_on_termination()
+    try:
+        stack.start()
+    except KeyboardInterrupt:
+        return 130
+    except Interrupted:
+        return 143
+    try:
+        _print_summary(stack)
+        return _run(command, stack.subprocess_env())
+    finally:
+        stack.stop()
+
+
+def _port_offset(args: argparse.Namespace) -> int:
+    return int(args.port_offset if args.port_offset is not None else os.environ.get("SESSIONFLOW_PORT_OFFSET", "0"))
+
+
+def _cluster_ports(args: argparse.Namespace) -> ClusterPorts:
+    from sandbox.cluster import ClusterPorts
+
+    return ClusterPorts(_port_offset(args))
 
 
 # ---- helpers
@@ -312,6 +402,16 @@ def _parser() -> argparse.ArgumentParser:
         handler=cmd_dev, runs_temporal_client=True)
     sub.add_parser("demo", help="one scripted avatar interview on the local stack").set_defaults(
         handler=cmd_demo, runs_temporal_client=True)
+    sub.add_parser("screenshots", help="the demo, then screenshots of the Temporal UI into docs/screenshots").set_defaults(
+        handler=cmd_screenshots, runs_temporal_client=True)
+    cluster = common(sub.add_parser("cluster", help="a multi-service Temporal cluster on PostgreSQL"),
+                     stack_options=False)
+    cluster.add_argument("action", choices=["up", "down", "status", "env", "kill", "start", "exec"])
+    cluster.add_argument("--port-offset", type=int, default=None,
+                         help="add N to every port (default $SESSIONFLOW_PORT_OFFSET or 0)")
+    cluster.add_argument("--wipe", action="store_true", help="with down: also remove the cluster's database")
+    cluster.add_argument("rest", nargs=argparse.REMAINDER, help="kill/start: NAME; exec: -- CMD ARGS...")
+    cluster.set_defaults(handler=cmd_cluster)
     return parser
 
 

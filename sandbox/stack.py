@@ -174,6 +174,7 @@ class StackPorts:
     livekit_rtc_udp: int = 7882
     emulator: int = 8090
     gateway: int = 8099
+    worker_metrics: int = 9464  # a worker's Prometheus endpoint (workers/metrics.py), not a service of the stack
 
     def shifted(self, offset: int) -> StackPorts:
         return StackPorts(**{name: port + offset for name, port in asdict(self).items()})
@@ -286,6 +287,8 @@ class LocalStack(ChaosControls):
             "LIVEAVATAR_API_KEY": LOCAL_LIVEAVATAR_API_KEY,
             "SESSIONFLOW_GATEWAY_HOST": HOST,
             "SESSIONFLOW_GATEWAY_PORT": str(p.gateway),
+            # The worker of `python -m sandbox dev` serves its metrics here; a second worker needs a port of its own.
+            "SESSIONFLOW_METRICS_PORT": str(p.worker_metrics),
             # Lets a nested `python -m sandbox status/exec` find (and reuse) this stack.
             "SESSIONFLOW_STATE_DIR": str(self.state_dir),
             **local_api_key_env(self.state_dir),
@@ -439,7 +442,9 @@ class LocalStack(ChaosControls):
                 "--ip", HOST, "--port", str(p.temporal),
                 "--ui-ip", HOST, "--ui-port", str(p.temporal_ui),
                 # v2: AvatarSessionId became a KeywordList; an older database registered it as Keyword.
-                "--db-filename", str(self.state_dir / "temporal-v2.sqlite"),
+                # v3: support's attributes (SessionEndReason, ...): the dev server registers attributes only when it
+                # creates its database, so one made before them would refuse their upserts.
+                "--db-filename", str(self.state_dir / "temporal-v3.sqlite"),
                 "--namespace", TEMPORAL_NAMESPACE, "--log-level", "warn",
                 "--ui-disable-news-fetch",  # the UI would fetch a news feed from the internet
             ]

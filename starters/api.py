@@ -51,6 +51,7 @@ from starters.client import (
     summarize,
 )
 from starters.report import MAX_LIST_LIMIT, find_sessions, session_filter
+from workers.temporal import TemporalUnavailable
 from workflows.models import (
     EndRequest,
     ExtendRequest,
@@ -73,7 +74,7 @@ DELEGATED_PREFIX = "/codec/"
 
 # The one table: a client error type -> the HTTP status the API answers with. Its `type` is the class name, the
 # same a Python caller catches. Most specific first (SessionCancelled is a SessionEnded).
-ERRORS: tuple[tuple[type[SessionError], int], ...] = (
+ERRORS: tuple[tuple[type[Exception], int], ...] = (
     (InvalidInput, 422),
     (UnknownParticipant, 422),
     (SessionNotFound, 404),
@@ -84,16 +85,17 @@ ERRORS: tuple[tuple[type[SessionError], int], ...] = (
     (ExtendBeyondCap, 409),
     (NotRecorded, 409),  # consent for a session that records nothing (the consent endpoint is wired by the lead)
     (Unavailable, 503),
+    (TemporalUnavailable, 503),  # Temporal out of reach past SESSIONFLOW_TEMPORAL_RETRY_DEADLINE: safe to retry
     (SessionError, 503),
 )
 
 
-def status_for(error: SessionError) -> tuple[int, str]:
+def status_for(error: Exception) -> tuple[int, str]:
     """The HTTP status and error type for a client error (see `ERRORS`)."""
     for kind, status in ERRORS:
         if isinstance(error, kind):
             return status, type(error).__name__
-    raise AssertionError(f"no status for {type(error).__name__}")  # SessionError itself is in the table
+    raise AssertionError(f"no status for {type(error).__name__}")
 
 
 def error(status: int, kind: str, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
@@ -281,8 +283,8 @@ async def list_sessions(
     try:
         rows = await find_sessions(_sessions(request).client, which)
     except RPCError as e:
-        if e.status in (RPCStatusCode.UNAVAILABLE, RPCStatusCode.DEADLINE_EXCEEDED):
-            raise Unavailable(f"Temporal did not answer the listing ({e.message}); it is safe to retry") from e
+        if e.status in (RPCStatusCode.UNAVAILABLE, RPCStatusCode.DEADLINE_EXCEEDED, RPCStatusCode.RESOURCE_EXHAUSTED):
+            raise TemporalUnavailable(f"Temporal did not answer the listing ({e.message}); it is safe to retry") from e
         raise
     return [SessionSummary(session_id=r.session_id, kind=r.kind, status=r.status, started_at=r.started_at) for r in rows]
 
@@ -296,7 +298,6 @@ _HTTP_TYPES = {
 
 
 async def _session_error(_: Request, e: Exception) -> JSONResponse:
-    assert isinstance(e, SessionError)
     status, kind = status_for(e)
     return error(status, kind, str(e))
 
@@ -324,7 +325,7 @@ async def _pydantic_error(_: Request, e: Exception) -> JSONResponse:
 async def _temporal_error(_: Request, e: Exception) -> JSONResponse:
     assert isinstance(e, RPCError)
     log.warning("temporal call failed", status=e.status.name if e.status else None, error=e.message)
-    return error(503, "Unavailable", "Temporal did not answer; it is safe to retry")
+    return error(503, "TemporalUnavailable", "Temporal did not answer; it is safe to retry")
 
 
 def install(app: FastAPI, settings: Settings) -> None:
@@ -332,6 +333,7 @@ def install(app: FastAPI, settings: Settings) -> None:
     app.state.settings = settings
     app.include_router(router)
     app.add_exception_handler(SessionError, _session_error)
+    app.add_exception_handler(TemporalUnavailable, _session_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(ValidationError, _pydantic_error)

@@ -5,7 +5,8 @@
     sessionflow end SESSION_ID [--reason TEXT]
     sessionflow extend SESSION_ID SECONDS
     sessionflow show SESSION_ID          a session's header, timeline, avatar billing and Temporal UI link
-    sessionflow list [--status S] [--kind K] [--limit N]   sessions by status and kind, newest first
+    sessionflow list [--status S] [--kind K] [--end-reason R] [--degraded yes|no] [--participant IDENTITY] [--limit N]
+                                         sessions by the search attributes the UI filters on, newest first
     sessionflow reap [--dry-run] [--grace SECONDS]   sweep for orphaned rooms and avatars now, print the report
     sessionflow api-key [--name NAME]    make a key for the sessions HTTP API: prints it once, and the hash to configure
 
@@ -46,9 +47,9 @@ from starters.report import MAX_LIST_LIMIT, find_sessions, read_session, render_
 from starters.text import table
 from workers.codec import CodecKeyError, UndecryptablePayload
 from workers.logging import configure_logging
-from workers.temporal import TemporalUnavailable, connect
+from workers.temporal import TemporalSettingsError, TemporalUnavailable, connect
 from workers.worker import run_worker
-from workflows.models import ROOM_PREFIX, SessionKind, SessionStatus
+from workflows.models import ROOM_PREFIX, EndReason, SessionKind, SessionStatus
 from workflows.reaper import ReaperWorkflow
 from workflows.reaper_models import ReapReport, ReapRequest
 
@@ -124,8 +125,12 @@ async def _consent(args: argparse.Namespace) -> int:
 
 
 async def _list(args: argparse.Namespace) -> int:
-    which = session_filter(args.status, args.kind, args.limit)  # refused before anything is contacted
-    client = await connect(get_settings())
+    settings = get_settings()
+    which = session_filter(  # refused before anything is contacted
+        args.status, args.kind, args.limit, end_reason=args.end_reason, degraded=args.degraded,
+        participant=args.participant, participant_key=settings.participant_id_key.get_secret_value().encode(),
+    )
+    client = await connect(settings)
     print(render_sessions(await find_sessions(client, which)))
     return 0
 
@@ -233,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--status", help=f"one of: {', '.join(s.value for s in SessionStatus)}")
     p.add_argument("--kind", help=f"one of: {', '.join(k.value for k in SessionKind)}")
     p.add_argument("--limit", default="20", help=f"at most this many (1-{MAX_LIST_LIMIT}, default 20)")
+    p.add_argument("--end-reason", help=f"one of: {', '.join(r.value for r in EndReason)}")
+    p.add_argument("--degraded", help="yes: sessions that were degraded at some time; no: those never degraded")
+    p.add_argument("--participant", metavar="IDENTITY", help="sessions with this identity on the roster (by its opaque id)")
     p.set_defaults(run=_list)
     p = sub.add_parser("api-key", help="make a key for the sessions HTTP API; prints it once and the hash to configure")
     p.add_argument("--name", default="default", type=_key_name, help="a name for the key in logs (default: default)")
@@ -260,7 +268,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         rc = args.sync(args) if hasattr(args, "sync") else asyncio.run(args.run(args))
         sys.stdout.flush()  # inside the try: a closed pipe shows here, where output is buffered
-    except (SessionError, TemporalUnavailable, CodecKeyError, UndecryptablePayload) as e:
+    except (SessionError, TemporalUnavailable, TemporalSettingsError, CodecKeyError, UndecryptablePayload) as e:
         _error(str(e))
         rc = 2
     except RPCError as e:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from datetime import timedelta
 from types import TracebackType
 from typing import Any, Self, TypeVar
@@ -21,6 +21,7 @@ from typing import Any, Self, TypeVar
 from pydantic import BaseModel, TypeAdapter, ValidationError
 from temporalio.client import (
     Client,
+    RPCTimeoutOrCancelledError,
     WithStartWorkflowOperation,
     WorkflowExecutionStatus,
     WorkflowFailureError,
@@ -32,7 +33,7 @@ from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from config.settings import Settings, get_settings
-from workers.temporal import connect
+from workers.temporal import TemporalUnavailable, connect
 from workflows.models import (
     ConsentRequest,
     EndRequest,
@@ -46,7 +47,7 @@ from workflows.models import (
     SessionStatus,
     workflow_id_for,
 )
-from workflows.search_attributes import SESSION_ID, SESSION_KIND, SESSION_STATUS
+from workflows.search_attributes import DEPLOYMENT, PARTICIPANT_IDS, SESSION_ID, SESSION_KIND, SESSION_STATUS, participant_id
 from workflows.session import SessionWorkflow
 
 
@@ -91,7 +92,8 @@ class SpecChanged(SessionError):
 
 
 class Unavailable(SessionError):
-    """Temporal (or the session's workflow) did not answer in time; nothing was decided, so it is safe to retry."""
+    """The session's workflow did not answer in time (no worker runs it, or its workflow task keeps failing);
+    nothing was decided, so it is safe to retry. Temporal itself out of reach is `TemporalUnavailable`."""
 
 
 # The workflow's typed refusals (`workflows.machine.Refusal.kind`) and the errors callers see for them.
@@ -104,11 +106,9 @@ _REFUSALS: dict[str, type[SessionError]] = {
     "NotRecorded": NotRecorded,
     "SpecChanged": SpecChanged,
 }
-# RPC statuses that mean "no answer in time": the request may be sent again as it is. CANCELLED is the server's
-# "Timeout expired" for a query (or update) that no worker picked up.
-_UNAVAILABLE = {
-    RPCStatusCode.UNAVAILABLE, RPCStatusCode.DEADLINE_EXCEEDED, RPCStatusCode.RESOURCE_EXHAUSTED, RPCStatusCode.CANCELLED,
-}
+# The server's "Timeout expired" for a query or update that no worker picked up (Temporal itself answered: not an
+# outage, see `_OUTAGE`).
+_NO_ANSWER = {RPCStatusCode.CANCELLED}
 _SESSION_ID = TypeAdapter(SessionId)
 _CLOSED = {
     WorkflowExecutionStatus.COMPLETED: "ended",
@@ -123,8 +123,36 @@ T = TypeVar("T")
 NOT_READY_RETRY = timedelta(seconds=10)
 
 
+# The longest pause between two attempts of a retried request.
+MAX_RETRY_BACKOFF = timedelta(seconds=1)
+# What Temporal answers while one of its services is down or restarting: the frontend is unreachable (UNAVAILABLE,
+# "tcp connect error"), or it cannot reach a history or matching host in time (UNAVAILABLE, DEADLINE_EXCEEDED),
+# or its own limiter sheds load for a moment (RESOURCE_EXHAUSTED). The SDK gives each call about 10 s of its own
+# retries before raising these.
+_OUTAGE = {RPCStatusCode.UNAVAILABLE, RPCStatusCode.DEADLINE_EXCEEDED, RPCStatusCode.RESOURCE_EXHAUSTED}
+
+
 class _NotReady(Exception):
     """The server's transient "workflow not ready" answer."""
+
+
+def _unavailable(error: RPCError | RPCTimeoutOrCancelledError) -> bool:
+    """Whether `error` says Temporal could not be reached in time, rather than that it refused the request.
+
+    The SDK turns an update whose RPC timed out into `WorkflowUpdateRPCTimeoutOrCancelledError`, and also one whose
+    caller was cancelled: only the first is an outage (a cancelled caller's request must not be retried).
+    """
+    if isinstance(error, RPCError):
+        return error.status in _OUTAGE
+    return isinstance(error.__cause__, RPCError) and error.__cause__.status in _OUTAGE
+
+
+def _reason(error: BaseException) -> str:
+    """The last thing Temporal (or the connection to it) said, for the message of `TemporalUnavailable`."""
+    rpc = error if isinstance(error, RPCError) else error.__cause__
+    if isinstance(rpc, RPCError):
+        return f"last error: {rpc.status.name if rpc.status else 'unknown'} {rpc.message}"
+    return f"last error: {error!r}"
 
 
 def _update_id(name: str) -> str:
@@ -189,9 +217,13 @@ class SessionClient:
         self.task_queue = task_queue or settings.task_queue
 
     @classmethod
-    async def connect(cls, settings: Settings | None = None, *, task_queue: str | None = None) -> SessionClient:
+    async def connect(
+        cls, settings: Settings | None = None, *, task_queue: str | None = None, wait: float = 0.0
+    ) -> SessionClient:
+        """A client of the configured Temporal. A backend that may start while Temporal restarts passes
+        `wait=settings.temporal_retry_deadline_s`; the default fails at once with what to start (the CLI's case)."""
         settings = settings or get_settings()
-        return cls(await connect(settings), settings, task_queue=task_queue)
+        return cls(await connect(settings, wait=wait), settings, task_queue=task_queue)
 
     async def __aenter__(self) -> Self:
         return self
@@ -266,6 +298,8 @@ class SessionClient:
                     SearchAttributePair(SESSION_ID, spec.session_id),
                     SearchAttributePair(SESSION_KIND, spec.kind.value),
                     SearchAttributePair(SESSION_STATUS, SessionStatus.PROVISIONING.value),
+                    SearchAttributePair(PARTICIPANT_IDS, self.participant_ids(p.identity for p in spec.participants)),
+                    SearchAttributePair(DEPLOYMENT, self.settings.deployment),
                 ]
             ),
             "static_summary": _summary(spec),
@@ -329,23 +363,39 @@ class SessionClient:
     async def _call(self, session_id: str, call: Callable[[], Awaitable[T]]) -> T:
         """Make one Temporal call for `session_id`, turning what Temporal raised into the error a caller can act on.
 
-        The server answers "workflow not ready" while the session's workflow task is being retried (for example a
-        completion that lost a race with a new signal); that is transient, so the call is made again, with the same
-        update id, for up to NOT_READY_RETRY.
+        Two transient answers make the same call again (a fresh attempt, the same update id, so the server
+        deduplicates it and nothing happens twice), with a doubling backoff:
+        - "workflow not ready" while the session's workflow task is being retried (for example a completion that
+          lost a race with a new signal), for up to NOT_READY_RETRY;
+        - Temporal unreachable or not answering (one of its services restarting: `_unavailable`), until
+          `temporal_retry_deadline_s` after the call began; then `TemporalUnavailable`, safe to retry. Each attempt
+          has the SDK's own retries (about 10 s) inside, so the error comes up to that much after the deadline.
         """
         loop = asyncio.get_running_loop()
-        deadline, delay = loop.time() + NOT_READY_RETRY.total_seconds(), 0.05
+        not_ready_until: float | None = None
+        unavailable_until = loop.time() + self.settings.temporal_retry_deadline_s
+        delay = 0.05
         while True:
             try:
                 return await self._translated(session_id, call())
             except _NotReady:
-                if loop.time() >= deadline:
+                not_ready_until = not_ready_until or loop.time() + NOT_READY_RETRY.total_seconds()
+                if loop.time() >= not_ready_until:
                     raise Unavailable(
                         f"session {session_id!r} did not accept the request for {NOT_READY_RETRY.total_seconds():g} s "
                         "(its workflow task keeps failing: see the Temporal UI); it is safe to retry"
                     ) from None
-                await asyncio.sleep(delay)  # backoff before the same call again
-                delay = min(delay * 2, 1.0)
+            except (RPCError, RPCTimeoutOrCancelledError) as e:
+                if not _unavailable(e):
+                    raise
+                if loop.time() >= unavailable_until:
+                    raise TemporalUnavailable(
+                        f"Temporal at {self.settings.temporal_address} did not answer the request for session "
+                        f"{session_id!r} within {self.settings.temporal_retry_deadline_s:g} s ({_reason(e)}); "
+                        "it may or may not have taken effect, and it is safe to retry as is"
+                    ) from e
+            await asyncio.sleep(delay)  # backoff before the same call again
+            delay = min(delay * 2, MAX_RETRY_BACKOFF.total_seconds())
 
     async def _translated(self, session_id: str, call: Awaitable[T]) -> T:
         try:
@@ -362,10 +412,10 @@ class SessionClient:
                 d.type_url.endswith("WorkflowNotReadyFailure") for d in e.grpc_status.details
             ):
                 raise _NotReady() from e
-            if e.status in _UNAVAILABLE:
+            if e.status in _NO_ANSWER:
                 raise Unavailable(
-                    f"no answer for session {session_id!r} ({e.message}): is Temporal up, and a worker "
-                    f"(`sessionflow worker`) polling task queue {self.task_queue!r}? It is safe to retry"
+                    f"no answer for session {session_id!r} ({e.message}): is a worker (`sessionflow worker`) "
+                    f"polling task queue {self.task_queue!r}? It is safe to retry"
                 ) from e
             if e.status not in (RPCStatusCode.NOT_FOUND, RPCStatusCode.FAILED_PRECONDITION):
                 raise
@@ -384,6 +434,11 @@ class SessionClient:
             return Unavailable(f"session {session_id!r} is running but did not answer; it is safe to retry")
         kind = SessionCancelled if description.status is WorkflowExecutionStatus.CANCELED else SessionEnded
         return kind(f"session {session_id!r} {closed}; start a new session id")
+
+    def participant_ids(self, identities: Iterable[str]) -> list[str]:
+        """The opaque ids (`ParticipantIds`) of `identities`, under this deployment's key."""
+        key = self.settings.participant_id_key.get_secret_value().encode()
+        return [participant_id(identity, key) for identity in identities]
 
     def ui_url(self, session_id: str) -> str:
         return (

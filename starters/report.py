@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import TypeVar
 
+from pydantic import TypeAdapter, ValidationError
 from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.service import RPCError, RPCStatusCode
 
@@ -21,8 +22,17 @@ from starters.client import InvalidInput, SessionClient, SessionEnded, SessionNo
 from starters.text import table
 from starters.timeline import Moment, render, timeline
 from workers.codec import decode_history
-from workflows.models import ROOM_PREFIX, AvatarBilling, SessionKind, SessionStatus
-from workflows.search_attributes import AVATAR_SESSION_ID, SESSION_ID, SESSION_KIND, SESSION_STATUS
+from workflows.models import ROOM_PREFIX, AvatarBilling, EndReason, Identity, SessionKind, SessionStatus
+from workflows.search_attributes import (
+    AVATAR_SESSION_ID,
+    PARTICIPANT_IDS,
+    SESSION_DEGRADED,
+    SESSION_END_REASON,
+    SESSION_ID,
+    SESSION_KIND,
+    SESSION_STATUS,
+    participant_id,
+)
 
 MAX_LIST_LIMIT = 1000
 
@@ -178,23 +188,68 @@ class SessionFilter:
     status: SessionStatus | None = None
     kind: SessionKind | None = None
     limit: int = 20
+    end_reason: EndReason | None = None
+    degraded: bool | None = None
+    participant_id: str | None = None  # the opaque id (`participant_id`), never the identity
 
     def query(self) -> str:
+        """The visibility query, the same text support types in the Temporal UI's search box."""
         clauses = [SESSIONS_QUERY]
         if self.status is not None:
             clauses.append(f"{SESSION_STATUS.name} = '{self.status.value}'")
         if self.kind is not None:
             clauses.append(f"{SESSION_KIND.name} = '{self.kind.value}'")
+        if self.end_reason is not None:
+            clauses.append(f"{SESSION_END_REASON.name} = '{self.end_reason.value}'")
+        if self.degraded is not None:
+            clauses.append(f"{SESSION_DEGRADED.name} = {str(self.degraded).lower()}")
+        if self.participant_id is not None:
+            clauses.append(f"{PARTICIPANT_IDS.name} = '{self.participant_id}'")
         return " AND ".join(clauses)
 
 
-def session_filter(status: str | None, kind: str | None, limit: str | int) -> SessionFilter:
-    """Validate `sessionflow list`'s options; `InvalidInput` names what was wrong and what is allowed."""
+def session_filter(
+    status: str | None,
+    kind: str | None,
+    limit: str | int,
+    *,
+    end_reason: str | None = None,
+    degraded: str | None = None,
+    participant: str | None = None,
+    participant_key: bytes = b"",
+) -> SessionFilter:
+    """Validate `sessionflow list`'s options; `InvalidInput` names what was wrong and what is allowed.
+    `participant` is an identity, searched by its opaque id under `participant_key` (as the starter set it)."""
     return SessionFilter(
         status=_one_of(SessionStatus, status, "status"),
         kind=_one_of(SessionKind, kind, "kind"),
         limit=_limit(limit),
+        end_reason=_one_of(EndReason, end_reason, "end reason"),
+        degraded=_yes_or_no(degraded),
+        participant_id=None if participant is None else participant_id(_identity(participant), participant_key),
     )
+
+
+_IDENTITY: TypeAdapter[str] = TypeAdapter(Identity)
+
+
+def _identity(value: str) -> str:
+    try:
+        return _IDENTITY.validate_python(value, strict=True)
+    except ValidationError:
+        raise InvalidInput(
+            f"--participant {value!r} is not a participant identity (1-64 of A-Z a-z 0-9 _ . -, starting with a letter or digit)"
+        ) from None
+
+
+def _yes_or_no(value: str | None) -> bool | None:
+    if value is None:
+        return None
+    if value.lower() in ("yes", "true"):
+        return True
+    if value.lower() in ("no", "false"):
+        return False
+    raise InvalidInput(f"--degraded takes yes or no, not {value!r}")
 
 
 E = TypeVar("E", bound=StrEnum)

@@ -39,6 +39,9 @@ def _summary(converter: DataConverter, event: HistoryEvent) -> str | None:
     return None
 
 
+_UNSET = object()
+
+
 def _time(event: HistoryEvent) -> datetime:
     return event.event_time.ToDatetime()
 
@@ -48,6 +51,7 @@ def timeline(history: WorkflowHistory, converter: DataConverter) -> list[Moment]
     moments: list[Moment] = []
     summaries: dict[int, str] = {}  # scheduled event id -> what that activity or timer does
     updates: dict[str, str] = {}  # update id -> name
+    published: dict[str, object] = {}  # search attribute -> the value last upserted
     start: datetime | None = None
 
     def add(event: HistoryEvent, text: str) -> None:
@@ -95,7 +99,10 @@ def timeline(history: WorkflowHistory, converter: DataConverter) -> list[Moment]
             for key, payload in fields.items():
                 if key == "TemporalChangeVersion":
                     continue  # the SDK's record of a `workflow.patched` marker: nothing support needs to read
-                add(e, f"{'status' if key == 'SessionStatus' else key} -> {_value(converter, payload)}")
+                value = _value(converter, payload)
+                if published.get(key, _UNSET) != value:  # each status upsert repeats what did not change
+                    published[key] = value
+                    add(e, f"{'status' if key == 'SessionStatus' else key} -> {value}")
         elif t == EventType.EVENT_TYPE_MARKER_RECORDED:
             # A local activity (the join's token) leaves a marker, not activity events; a patch marker says nothing.
             if e.marker_recorded_event_attributes.marker_name == "core_local_activity":

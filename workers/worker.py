@@ -17,6 +17,7 @@ from activities.avatar import AvatarActivities
 from activities.livekit import LiveKitActivities
 from activities.reaper import ReaperActivities
 from config.settings import Settings, get_settings
+from workers.metrics import live_session_gauge, metrics_address, metrics_runtime
 from workers.schedules import ensure_reaper_schedule
 from workers.temporal import connect
 from workflows.reaper import ReaperWorkflow
@@ -72,7 +73,8 @@ def build_reaper_worker(client: Client, settings: Settings, *, task_queue: str |
 async def run_worker(settings: Settings | None = None) -> None:
     """Run until SIGTERM or SIGINT, then shut down gracefully: nothing is torn down, work is handed over."""
     settings = settings or get_settings()
-    client = await connect(settings)
+    runtime = metrics_runtime(settings)  # before connecting: the client's runtime exports the worker's metrics
+    client = await connect(settings, runtime=runtime)
     worker = build_worker(client, settings)
     reaper = build_reaper_worker(client, settings)
     await ensure_reaper_schedule(client, settings)
@@ -81,10 +83,10 @@ async def run_worker(settings: Settings | None = None) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     log.info(
-        "worker started",
-        task_queue=settings.task_queue, reaper_task_queue=settings.reaper_task_queue, temporal=settings.temporal_address,
+        "worker started", task_queue=settings.task_queue, reaper_task_queue=settings.reaper_task_queue,
+        temporal=settings.temporal_address, metrics=metrics_address(settings),
     )
-    async with worker, reaper:
+    async with worker, reaper, live_session_gauge(client, runtime):
         await stop.wait()
         log.info("worker shutting down", reason="signal")
     log.info("worker stopped")

@@ -283,9 +283,16 @@ class StopAvatarSession:
 
 @dataclass(frozen=True)
 class PublishStatus:
-    """Upsert the `SessionStatus` search attribute."""
+    """Upsert the `SessionStatus` search attribute, and with it what support searches by that moves with the
+    status: `SessionDegraded` (ever degraded), `SessionEndReason` and `AvatarBilledSeconds` (so far; final
+    with the closing status)."""
 
     status: SessionStatus
+    # A snapshot of the session at the status change, not part of what the command is: two status upserts are
+    # the same command whatever the snapshot says (compare=False), and these are asserted on their own.
+    ever_degraded: bool = field(default=False, compare=False)
+    end_reason: EndReason | None = field(default=None, compare=False)
+    avatar_billed_seconds: float = field(default=0.0, compare=False)
 
 
 @dataclass(frozen=True)
@@ -505,6 +512,7 @@ class SessionMachine:
         self.ended_at: datetime | None = None
         self.recoveries: list[str] = []
         self.recording = Recording()
+        self.ever_degraded = False  # the `SessionDegraded` search attribute
         self._seen: deque[str] = deque(maxlen=SEEN_EVENT_IDS)
 
     # -- reading -------------------------------------------------------------------------------------------
@@ -658,7 +666,7 @@ class SessionMachine:
         commands = self._dispatch(event, now)
         commands += self._maybe_close(now)
         if self.status is not before:
-            commands.insert(0, PublishStatus(self.status))
+            commands.insert(0, self._publish_status())
         return commands
 
     def _dispatch(self, event: Event, now: datetime) -> list[Command]:
@@ -1183,6 +1191,18 @@ class SessionMachine:
         self.avatar.present = False
         self.ended_at = now
         return []
+
+    # -- what support searches by -------------------------------------------------------------------------
+
+    def _publish_status(self) -> PublishStatus:
+        """The status upsert, with everything published beside it (see `PublishStatus`)."""
+        self.ever_degraded = self.ever_degraded or self.status is SessionStatus.DEGRADED
+        return PublishStatus(
+            self.status,
+            ever_degraded=self.ever_degraded,
+            end_reason=self.end_reason,
+            avatar_billed_seconds=round(float(self.avatar_seconds), 3),
+        )
 
     # -- what the outside reads ----------------------------------------------------------------------------
 

@@ -15,10 +15,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
-from typing import NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy
+from temporalio.common import RetryPolicy, SearchAttributeUpdate
 from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_exception
 from temporalio.workflow import ActivityCancellationType
 
@@ -64,6 +64,7 @@ with workflow.unsafe.imports_passed_through():
         StopRecording,
         TimerFired,
     )
+    from workflows.metrics import SessionMetrics
     from workflows.models import AvatarCreated as AvatarCreatedResult
     from workflows.models import (
         AvatarRef,
@@ -82,7 +83,13 @@ with workflow.unsafe.imports_passed_through():
         StartAvatarInput,
         StartRecordingInput,
     )
-    from workflows.search_attributes import AVATAR_SESSION_ID, SESSION_STATUS
+    from workflows.search_attributes import (
+        AVATAR_BILLED_SECONDS,
+        AVATAR_SESSION_ID,
+        SESSION_DEGRADED,
+        SESSION_END_REASON,
+        SESSION_STATUS,
+    )
 
 # Activity options. Cleanup retries forever: a session is not over until everything it holds is released.
 QUICK = RetryPolicy(initial_interval=timedelta(milliseconds=200), maximum_interval=timedelta(seconds=5), maximum_attempts=10)
@@ -100,6 +107,8 @@ PATCH_LATE_CANCEL_KEEPS_OUTCOME = "late-cancel-keeps-outcome"  # a cancel after 
 PATCH_OUTCOME_MEMO = "outcome-memo"  # the outcome is kept in the memo, readable after any close
 PATCH_LOCAL_TOKEN = "local-token"  # a join's token is minted by a local activity (one workflow task less)
 PATCH_TOKEN_TTL_WITHIN_SESSION = "token-ttl-within-session"  # a participant's token expires by the hard cap + grace
+# The status upsert also sets SessionDegraded, SessionEndReason and AvatarBilledSeconds.
+PATCH_SUPPORT_SEARCH_ATTRIBUTES = "support-search-attributes"
 
 
 class Bug(RuntimeError):
@@ -115,6 +124,7 @@ class SessionWorkflow:
         self._machine = SessionMachine(spec, started_at=workflow.now())
         self._keepalives: dict[str, asyncio.Task[None]] = {}  # avatar session id -> its keep-alive
         self._bug: BaseException | None = None
+        self._metrics = SessionMetrics(spec.kind.value)
 
     # ---- the run: platform concerns --------------------------------------------------------------------------
 
@@ -217,10 +227,11 @@ class SessionWorkflow:
         workflow.set_current_details(current_details(self._machine.state()))
 
     def _execute(self, commands: list[Command]) -> None:
+        self._metrics.saw(commands, self._machine)  # operators' figures (workflows/metrics.py); decides nothing
         for command in commands:
             match command:
-                case PublishStatus(status):
-                    workflow.upsert_search_attributes([SESSION_STATUS.value_set(status.value)])
+                case PublishStatus():
+                    workflow.upsert_search_attributes(_status_attributes(command))
                 case PublishAvatarSessions(ids):
                     workflow.upsert_search_attributes([AVATAR_SESSION_ID.value_set(list(ids))])
                 case CreateRoom(request):
@@ -489,6 +500,18 @@ def _refuse_changed_spec(running: SessionSpec, request: JoinRequest) -> None:
             type="SpecChanged",
             non_retryable=True,
         )
+
+
+def _status_attributes(command: PublishStatus) -> list[SearchAttributeUpdate[Any]]:
+    """What a `PublishStatus` upserts. Sessions that started before the patch upsert only the status, as their
+    histories recorded."""
+    updates: list[SearchAttributeUpdate[Any]] = [SESSION_STATUS.value_set(command.status.value)]
+    if workflow.patched(PATCH_SUPPORT_SEARCH_ATTRIBUTES):
+        updates.append(SESSION_DEGRADED.value_set(command.ever_degraded))
+        updates.append(AVATAR_BILLED_SECONDS.value_set(command.avatar_billed_seconds))
+        if command.end_reason is not None:
+            updates.append(SESSION_END_REASON.value_set(command.end_reason.value))
+    return updates
 
 
 def _refuse(r: Refusal) -> NoReturn:

@@ -11,10 +11,12 @@ import sys
 import uuid
 from pathlib import Path
 
+import httpx
 import pytest
 
 from config.settings import Settings
 from starters.client import SessionClient
+from tests.support.polling import eventually
 from tests.support.specs import interview
 from workflows.models import SessionStatus
 
@@ -35,6 +37,12 @@ async def test_worker_process_logs_json_with_session_ids_and_stops_cleanly_on_si
         await client.join(spec, "cand")
         state = await client.end(spec.session_id, "done")
         assert state.status is SessionStatus.ENDED
+        # Its Prometheus endpoint (the stack's SESSIONFLOW_METRICS_PORT): the runtime's figures and the session's.
+        metrics = await eventually(
+            lambda: _served(f"http://{stack.metrics_host}:{stack.metrics_port}/metrics", "sessionflow_sessions_closed_total"),
+            what="the worker's metrics endpoint to count the session", timeout=20,
+        )
+        assert "temporal_worker_task_slots_available" in metrics and 'sessionflow_sessions{' in metrics
     finally:
         proc.send_signal(signal.SIGTERM)
         code = await asyncio.to_thread(proc.wait, 30)
@@ -47,3 +55,12 @@ async def test_worker_process_logs_json_with_session_ids_and_stops_cleanly_on_si
     for line in room_lines:
         assert line["workflow_id"] == spec.workflow_id and line["session_id"] == spec.session_id
         assert line["activity"] in ("create_room", "delete_room")
+
+
+async def _served(url: str, needle: str) -> str | None:
+    async with httpx.AsyncClient(timeout=2) as http:
+        try:
+            text = (await http.get(url)).text
+        except httpx.HTTPError:
+            return None  # not listening yet
+    return text if needle in text else None

@@ -31,8 +31,9 @@ from workflows.search_attributes import SEARCH_ATTRIBUTES
 # their name (recorded from the integration tests before the decision core moved into the machine); v2 the
 # decision core; v3 the join's token minted by a local activity (`workflow.patched("local-token")`); v5 (v4 is the
 # room monitor's) participant tokens bounded by the hard cap (`workflow.patched("token-ttl-within-session")`) and
-# rooms named with the deployment (`session-<deployment>-<id>`).
-CORPUS_VERSION = "v5"
+# rooms named with the deployment (`session-<deployment>-<id>`); v6 the status upsert carrying support's search
+# attributes (`workflow.patched("support-search-attributes")`).
+CORPUS_VERSION = "v6"
 HISTORIES = Path(__file__).parent / "histories"
 
 

@@ -44,6 +44,8 @@ EXPECTED = {
     # the deployment.
     # ...and recording only with consent (spec.recording, the `consent` update).
     *(f"{name}.v5" for name in ("interview_happy_path", "coaching_happy_path", "consent_recording", "consent_recording_refused")),
+    # The status upsert carries SessionDegraded, SessionEndReason, AvatarBilledSeconds ("support-search-attributes").
+    *(f"{name}.v6" for name in ("interview_happy_path", "avatar_crash_and_replacement", "cancel")),
 }
 
 

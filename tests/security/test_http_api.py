@@ -26,7 +26,7 @@ from starters.client import InvalidInput, SessionClient, SessionError, Unavailab
 from starters.gateway import create_app
 from tests.security.test_cli_errors import sessionflow
 from tests.support.http_api import AVATAR, Api, api_on, spec, stack_temporal
-from workers.temporal import data_converter
+from workers.temporal import TemporalUnavailable, data_converter
 
 pytestmark = pytest.mark.stack
 
@@ -336,8 +336,9 @@ class CuttableLink:
 
 
 async def test_temporal_unavailable_is_a_503_that_says_retry(settings: Settings) -> None:
-    """Temporal stops answering (the link to it is cut): the API says 503 `Unavailable`, the client raises
-    `Unavailable`, and both say it is safe to retry."""
+    """Temporal stops answering (the link to it is cut): past the retry deadline the client raises
+    `TemporalUnavailable`, the API says 503 `TemporalUnavailable`, and both say it is safe to retry."""
+    settings = settings.model_copy(update={"temporal_retry_deadline_s": 0.5})
     link = CuttableLink(settings.temporal_address)
     temporal = await Client.connect(
         await link.start(), namespace=settings.temporal_namespace, data_converter=data_converter(),
@@ -358,10 +359,10 @@ async def test_temporal_unavailable_is_a_503_that_says_retry(settings: Settings)
             (sessions.extend(sid, timedelta(seconds=60)), http.post(f"/v1/sessions/{sid}/extend", json={"by": 60})),
             (sessions.end(sid), http.post(f"/v1/sessions/{sid}/end")),
         ):
-            with pytest.raises(Unavailable, match="safe to retry"):
+            with pytest.raises(TemporalUnavailable, match="safe to retry"):
                 await via_client
-            assert "safe to retry" in assert_error(await via_http, 503, "Unavailable")["message"]
-        assert_error(await http.get("/v1/sessions"), 503, "Unavailable")
+            assert "safe to retry" in assert_error(await via_http, 503, "TemporalUnavailable")["message"]
+        assert_error(await http.get("/v1/sessions"), 503, "TemporalUnavailable")
 
 
 async def test_a_session_no_worker_answers_is_a_503_and_one_line_in_the_cli(api: Api, settings: Settings) -> None:

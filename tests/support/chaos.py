@@ -122,7 +122,8 @@ class WorkerPool:
     """``python -m workers`` subprocesses on one task queue, each in its own process group."""
 
     def __init__(self, env: dict[str, str], log_dir: Path) -> None:
-        self.env = {**env, "SESSIONFLOW_TASK_QUEUE": TASK_QUEUE}
+        # Several workers on one host: none serves metrics (they would all want the stack's one metrics port).
+        self.env = {**env, "SESSIONFLOW_TASK_QUEUE": TASK_QUEUE, "SESSIONFLOW_METRICS_PORT": "0"}
         self.log_dir = log_dir
         self.procs: list[WorkerProc] = []
         self.kills = 0

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 
@@ -26,6 +27,16 @@ def test_no_temporal_server_is_a_clear_error() -> None:
     result = sessionflow("show", "abc-1")
     assert result.returncode == 2
     assert "cannot reach Temporal at 127.0.0.1:9" in result.stderr and "python -m sandbox dev" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_bad_temporal_certificate_setting_is_a_clear_error(tmp_path: Path) -> None:
+    env = {**os.environ, "TEMPORAL_ADDRESS": "127.0.0.1:9", "TEMPORAL_TLS_CERT": str(tmp_path / "client.pem"),
+           "TEMPORAL_TLS_KEY": str(tmp_path / "client.key")}
+    result = subprocess.run([sys.executable, "-c", "from starters.cli import main; main()", "show", "abc-1"],
+                            env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert f"TEMPORAL_TLS_CERT={tmp_path / 'client.pem'} cannot be read" in result.stderr
     assert "Traceback" not in result.stderr
 
 
