@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime, timedelta
@@ -375,13 +376,17 @@ async def test_a_session_no_worker_answers_is_a_503_and_one_line_in_the_cli(api:
     handle = await orphan.start(session)
     try:
         via_client, via_http, via_cli = await asyncio.gather(
-            orphan.state(sid), api.http.get(f"/v1/sessions/{sid}/state"), sessionflow("show", sid), return_exceptions=True
+            orphan.state(sid),
+            api.http.get(f"/v1/sessions/{sid}/state"),
+            # One attempt: the server's timeout may come back as an outage status, which the CLI would ride out.
+            sessionflow("show", sid, env={**os.environ, "SESSIONFLOW_TEMPORAL_RETRY_DEADLINE": "1"}),
+            return_exceptions=True,
         )
         assert isinstance(via_client, Unavailable) and "worker" in str(via_client)
         assert isinstance(via_http, httpx.Response)
         assert_error(via_http, 503, "Unavailable")
         assert isinstance(via_cli, tuple)
         rc, _, err = via_cli
-        assert rc == 2 and err.startswith("sessionflow: error: no answer for session") and err.count("\n") == 1, err
+        assert rc == 2 and err.startswith("sessionflow: error: ") and sid in err and err.count("\n") == 1, err
     finally:
         await handle.terminate("test over: it never ran, so it holds nothing")  # no worker: no room, no avatar
