@@ -9,11 +9,13 @@ own in its state directory and exports them); the only built-in key is the LiveA
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated, Any, Self
 
-from pydantic import AliasChoices, Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # The LiveAvatar emulator accepts this key; it is not a credential for anything real.
 LOCAL_LIVEAVATAR_API_KEY = "emulator-dev-key"
@@ -23,6 +25,39 @@ DEFAULT_AVATAR_ID = "dd73ea75-1218-4ef3-92ce-606d5f7fbc0a"
 
 def _env(*names: str) -> AliasChoices:
     return AliasChoices(*names)
+
+
+class ApiKeyHash(BaseModel):
+    """One API key the sessions HTTP API accepts, as configured: only its SHA-256 digest, never the key itself
+    (`sessionflow api-key` makes a key and prints both), and a name for logs."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    sha256: bytes
+
+
+_API_KEY_ENTRY = re.compile(r"^(?:(?P<name>[A-Za-z0-9_.-]{1,64}):)?(?P<digest>[0-9a-f]{64})$")
+
+
+def parse_api_keys(value: Any) -> tuple[ApiKeyHash, ...]:
+    """`SESSIONFLOW_API_KEYS`: comma-separated `[name:]<sha256 hex>` entries (names default to key-1, key-2, ...)."""
+    if isinstance(value, tuple | list):
+        return tuple(value)
+    keys = []
+    for n, entry in enumerate(e.strip() for e in str(value or "").split(",") if e.strip()):
+        match = _API_KEY_ENTRY.match(entry)
+        if match is None:
+            raise ValueError(
+                f"SESSIONFLOW_API_KEYS entry {n + 1} is not `[name:]<64 lowercase hex digits>` (the SHA-256 of a key, "
+                "as `sessionflow api-key` prints it)"
+            )
+        keys.append(ApiKeyHash(name=match["name"] or f"key-{n + 1}", sha256=bytes.fromhex(match["digest"])))
+    return tuple(keys)
+
+
+# The local stack's ports (sandbox/stack.py StackPorts); SESSIONFLOW_PORT_OFFSET moves every one of them.
+_OFFSET_FIELDS = ("temporal_address", "temporal_ui_url", "livekit_url", "liveavatar_api_url", "gateway_port")
 
 
 class Settings(BaseSettings):
@@ -109,9 +144,36 @@ class Settings(BaseSettings):
     codec_support_token: SecretStr | None = Field(None, validation_alias=_env("SESSIONFLOW_CODEC_SUPPORT_TOKEN"))
     codec_cors_origin: str | None = Field(None, validation_alias=_env("SESSIONFLOW_CODEC_CORS_ORIGIN"))
 
+    # Sessions HTTP API (starters/api.py): the keys it accepts (hashed), and the largest request body it reads.
+    api_keys: Annotated[tuple[ApiKeyHash, ...], NoDecode] = Field((), validation_alias=_env("SESSIONFLOW_API_KEYS"))
+    max_body_bytes: int = Field(64 * 1024, ge=1024, le=16 * 1024 * 1024, validation_alias=_env("SESSIONFLOW_MAX_BODY_BYTES"))
+
+    # The local stack's port offset (as `python -m sandbox` applies it): moves the default local addresses, so
+    # every process (worker, CLI, gateway) finds a stack started with the same offset. Explicit addresses win.
+    port_offset: int = Field(0, ge=0, le=50000, validation_alias=_env("SESSIONFLOW_PORT_OFFSET"))
+
     # Logging
     log_format: str = Field("auto", validation_alias=_env("SESSIONFLOW_LOG_FORMAT"))  # auto | json | console
     log_level: str = Field("INFO", validation_alias=_env("SESSIONFLOW_LOG_LEVEL"))
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _api_keys(cls, value: Any) -> tuple[ApiKeyHash, ...]:
+        return parse_api_keys(value)
+
+    @model_validator(mode="after")
+    def _apply_port_offset(self) -> Self:
+        if not self.port_offset:
+            return self
+        for name in _OFFSET_FIELDS:
+            if name in self.model_fields_set:
+                continue  # set explicitly (TEMPORAL_ADDRESS=...): used as given
+            default = type(self).model_fields[name].default
+            if isinstance(default, int):
+                setattr(self, name, default + self.port_offset)
+            else:
+                setattr(self, name, re.sub(r":(\d+)$", lambda m: f":{int(m[1]) + self.port_offset}", default))
+        return self
 
     @property
     def livekit_http_url(self) -> str:

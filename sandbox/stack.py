@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import os
 import signal
@@ -67,6 +68,7 @@ from sandbox.processes import (
     wait_until_ready,
 )
 from sandbox.secrets import LocalSecrets, load_or_create
+from starters.api import new_api_key
 from workflows.search_attributes import SEARCH_ATTRIBUTE_TYPES
 
 __all__ = [
@@ -130,10 +132,13 @@ TEMPORAL_SQLITE_PRAGMAS: dict[str, str] = {"journal_mode": "wal", "synchronous":
 #: Every service the stack knows, in start order (stopped in the reverse order).
 SERVICE_NAMES = ("temporal", "livekit", "emulator", "gateway")
 STATE_FILE = "stack.json"
+# The local stack's key for the sessions HTTP API (starters/api.py), made on first run, never in git.
+API_KEY_FILE = "api-key"
 
 # The stack's generated secrets (sandbox/secrets.py): in every child's environment, never in the state file.
 SECRET_ENV = (
     "LIVEKIT_API_SECRET", "SESSIONFLOW_CODEC_KEYS", "SESSIONFLOW_CODEC_ADMIN_TOKEN", "SESSIONFLOW_CODEC_SUPPORT_TOKEN",
+    "SESSIONFLOW_API_KEY",
 )
 
 # Variables that would point a child at something other than this stack (a Temporal Cloud key in the
@@ -173,6 +178,26 @@ class StackPorts:
 
     def shifted(self, offset: int) -> StackPorts:
         return StackPorts(**{name: port + offset for name, port in asdict(self).items()})
+
+
+def local_api_key_env(state_dir: Path) -> dict[str, str]:
+    """The gateway accepts the local key (only its hash is configured); clients (demo, tests) present it."""
+    key = local_api_key(state_dir)
+    return {"SESSIONFLOW_API_KEYS": f"local:{hashlib.sha256(key.encode()).hexdigest()}", "SESSIONFLOW_API_KEY": key}
+
+
+def local_api_key(state_dir: Path) -> str:
+    """The local stack's API key, made on first use and kept (owner-only) in the state dir, outside git."""
+    path = state_dir / API_KEY_FILE
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path.read_text().strip()
+    key, _ = new_api_key()
+    with os.fdopen(fd, "w") as f:
+        f.write(key + "\n")
+    return key
 
 
 def default_state_dir() -> Path:
@@ -266,6 +291,7 @@ class LocalStack(ChaosControls):
             "SESSIONFLOW_METRICS_PORT": str(p.worker_metrics),
             # Lets a nested `python -m sandbox status/exec` find (and reuse) this stack.
             "SESSIONFLOW_STATE_DIR": str(self.state_dir),
+            **local_api_key_env(self.state_dir),
         }
 
     def subprocess_env(self) -> dict[str, str]:

@@ -8,6 +8,7 @@
     sessionflow list [--status S] [--kind K] [--end-reason R] [--degraded yes|no] [--participant IDENTITY] [--limit N]
                                          sessions by the search attributes the UI filters on, newest first
     sessionflow reap [--dry-run] [--grace SECONDS]   sweep for orphaned rooms and avatars now, print the report
+    sessionflow api-key [--name NAME]    make a key for the sessions HTTP API: prints it once, and the hash to configure
 
 The local stack is development tooling, not part of the engine: `python -m sandbox dev` (stack + worker in the
 foreground) and `python -m sandbox demo` (`make demo`) run it; `sessionflow dev` and `sessionflow demo` only
@@ -18,19 +19,33 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
+import re
 import sys
 import uuid
 from datetime import timedelta
 from pathlib import Path
 
+from pydantic import ValidationError
 from temporalio.client import WorkflowFailureError
+from temporalio.service import RPCError
 
 from config.settings import get_settings
-from starters.client import SessionClient, SessionError, check_session_id
+from starters.api import new_api_key
+from starters.client import (
+    SessionClient,
+    SessionError,
+    check_extend,
+    check_join,
+    check_session_id,
+    check_spec,
+    summarize,
+)
 from starters.report import MAX_LIST_LIMIT, find_sessions, read_session, render_session, render_sessions, session_filter
 from starters.text import table
+from workers.codec import CodecKeyError, UndecryptablePayload
 from workers.logging import configure_logging
 from workers.temporal import TemporalSettingsError, TemporalUnavailable, connect
 from workers.worker import run_worker
@@ -40,23 +55,42 @@ from workflows.reaper_models import ReapReport, ReapRequest
 
 
 def _load_spec(text: str) -> object:
-    path = Path(text)
-    raw = path.read_text() if path.exists() else text
+    """SPEC is JSON text (it starts with `{`) or the path of a UTF-8 JSON file; any other case is one clear error.
+
+    JSON text is never looked up as a file name (a long spec is not a "file name too long")."""
+    raw = text if text.lstrip().startswith("{") else _read_spec_file(text)
     try:
         return json.loads(raw)
     except json.JSONDecodeError as e:
         raise SessionError(f"SPEC must be a JSON file or JSON text: {e}") from None
 
 
+def _read_spec_file(name: str) -> str:
+    path = Path(name)
+    try:
+        return path.read_bytes().decode("utf-8")
+    except IsADirectoryError:
+        raise SessionError(f"SPEC {name!r} is a directory; give a JSON file or JSON text") from None
+    except FileNotFoundError:
+        raise SessionError(f"SPEC {name!r} is neither JSON text nor an existing file") from None
+    except UnicodeDecodeError as e:
+        raise SessionError(f"SPEC file {name!r} is not UTF-8 text (byte {e.start}); save it as UTF-8 JSON") from None
+    except OSError as e:
+        shown = name if len(name) <= 80 else name[:60] + "…"
+        raise SessionError(f"cannot read SPEC file {shown!r}: {e.strerror or e}") from None
+
+
 async def _join(args: argparse.Namespace) -> int:
-    spec = _load_spec(args.spec)  # bad input is refused before anything is contacted
+    spec = check_spec(_load_spec(args.spec))  # type: ignore[arg-type]  # any JSON value: check_spec validates it
+    check_join(spec, args.identity)  # bad input is refused before anything is contacted
     sessions = await SessionClient.connect()
-    grant = await sessions.join(spec, args.identity)  # type: ignore[arg-type]  # any JSON value: join() validates it
+    grant = await sessions.join(spec, args.identity)
     print(grant.model_dump_json(indent=2))
     return 0
 
 
 async def _end(args: argparse.Namespace) -> int:
+    check_session_id(args.session_id)  # refused before anything is contacted
     sessions = await SessionClient.connect()
     state = await sessions.end(args.session_id, args.reason)
     print(state.model_dump_json(indent=2))
@@ -64,6 +98,8 @@ async def _end(args: argparse.Namespace) -> int:
 
 
 async def _extend(args: argparse.Namespace) -> int:
+    check_session_id(args.session_id)  # refused before anything is contacted
+    check_extend(timedelta(seconds=args.seconds))
     sessions = await SessionClient.connect()
     state = await sessions.extend(args.session_id, timedelta(seconds=args.seconds))
     print(f"session {state.session_id} now ends at {state.ends_at.isoformat()}")
@@ -97,6 +133,12 @@ async def _list(args: argparse.Namespace) -> int:
     client = await connect(settings)
     print(render_sessions(await find_sessions(client, which)))
     return 0
+
+
+def _key_name(text: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a key name: use 1-64 of A-Z, a-z, 0-9, '_', '.', '-'")
+    return text
 
 
 def _seconds(text: str) -> float:
@@ -142,6 +184,15 @@ async def _reap(args: argparse.Namespace) -> int:
     for error in report.errors:
         print(f"error: {error}")
     return 1 if report.errors else 0
+
+
+def _api_key(args: argparse.Namespace) -> int:
+    """Make a key for the sessions HTTP API. The key is printed once and kept nowhere; only its hash is
+    configured (SESSIONFLOW_API_KEYS), so a leaked configuration does not leak a key."""
+    key, digest = new_api_key()
+    print(f"API key (give it to the caller; shown only this once): {key}")
+    print(f"add to SESSIONFLOW_API_KEYS (comma-separated) on the gateway: {args.name}:{digest}")
+    return 0
 
 
 async def _worker(args: argparse.Namespace) -> int:
@@ -193,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--degraded", help="yes: sessions that were degraded at some time; no: those never degraded")
     p.add_argument("--participant", metavar="IDENTITY", help="sessions with this identity on the roster (by its opaque id)")
     p.set_defaults(run=_list)
+    p = sub.add_parser("api-key", help="make a key for the sessions HTTP API; prints it once and the hash to configure")
+    p.add_argument("--name", default="default", type=_key_name, help="a name for the key in logs (default: default)")
+    p.set_defaults(sync=_api_key)
     p = sub.add_parser("reap", help="sweep for rooms and avatars no running session owns, now; print the report")
     p.add_argument("--dry-run", action="store_true", help="release nothing, report what would be released")
     p.add_argument("--grace", type=_seconds, metavar="SECONDS", help="spare anything younger (default SESSIONFLOW_REAPER_GRACE)")
@@ -202,19 +256,40 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    settings = get_settings()
+    try:
+        settings = get_settings()
+    except ValidationError as e:
+        _error(f"the configuration (environment variables) is not valid: {summarize(e)}. "
+               "For the local stack: eval \"$(python -m sandbox env)\"")
+        sys.stderr.flush()
+        os._exit(2)
     # One-shot commands print their result, not logs, unless a level is asked for.
     long_running = args.command == "worker"
     level = settings.log_level if long_running or "SESSIONFLOW_LOG_LEVEL" in os.environ else "WARNING"
     configure_logging(settings.log_format, level)
     try:
         rc = args.sync(args) if hasattr(args, "sync") else asyncio.run(args.run(args))
-    except (SessionError, TemporalUnavailable, TemporalSettingsError) as e:
-        print(f"sessionflow: {e}", file=sys.stderr)
+        sys.stdout.flush()  # inside the try: a closed pipe shows here, where output is buffered
+    except (SessionError, TemporalUnavailable, TemporalSettingsError, CodecKeyError, UndecryptablePayload) as e:
+        _error(str(e))
         rc = 2
+    except RPCError as e:
+        _error(f"Temporal refused the request: {e.message} ({e.status.name if e.status else 'no status'})")
+        rc = 2
+    except BrokenPipeError:
+        # `sessionflow show ID | head -1`: the reader has what it wanted. Quiet, with the exit status of a
+        # process ended by SIGPIPE, as other command-line tools in a pipeline.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        rc = 128 + 13
     except KeyboardInterrupt:
         rc = 130
-    sys.stdout.flush()
+    with contextlib.suppress(BrokenPipeError):
+        sys.stdout.flush()
     sys.stderr.flush()
     # The Temporal runtime can crash at interpreter exit in short-lived processes (sdk-python#300).
     os._exit(rc)
+
+
+def _error(message: str) -> None:
+    """One line on stderr, as argparse prints a usage mistake: `sessionflow: error: ...`."""
+    print(f"sessionflow: error: {' '.join(message.split())}", file=sys.stderr)

@@ -87,6 +87,15 @@ class NotRecorded(SessionError):
     """Consent was given or withdrawn for a session that is not recorded."""
 
 
+class SpecChanged(SessionError):
+    """A join for a running session carried a different spec than the session was started with."""
+
+
+class Unavailable(SessionError):
+    """The session's workflow did not answer in time (no worker runs it, or its workflow task keeps failing);
+    nothing was decided, so it is safe to retry. Temporal itself out of reach is `TemporalUnavailable`."""
+
+
 # The workflow's typed refusals (`workflows.machine.Refusal.kind`) and the errors callers see for them.
 _REFUSALS: dict[str, type[SessionError]] = {
     "UnknownParticipant": UnknownParticipant,
@@ -95,7 +104,11 @@ _REFUSALS: dict[str, type[SessionError]] = {
     "RoomFull": RoomFull,
     "ExtendBeyondCap": ExtendBeyondCap,
     "NotRecorded": NotRecorded,
+    "SpecChanged": SpecChanged,
 }
+# The server's "Timeout expired" for a query or update that no worker picked up (Temporal itself answered: not an
+# outage, see `_OUTAGE`).
+_NO_ANSWER = {RPCStatusCode.CANCELLED}
 _SESSION_ID = TypeAdapter(SessionId)
 _CLOSED = {
     WorkflowExecutionStatus.COMPLETED: "ended",
@@ -159,13 +172,42 @@ def check_session_id(session_id: str) -> str:
         ) from None
 
 
+def check_spec(spec: SessionSpec | dict[str, Any]) -> SessionSpec:
+    """`spec` as a SessionSpec, else `InvalidInput` saying what is wrong: what `join` checks before anything is sent."""
+    return _validated(SessionSpec, spec)
+
+
+def check_join(spec: SessionSpec, identity: str) -> JoinRequest:
+    """The join request for `identity`, refused (`UnknownParticipant`) unless they are on the roster, so a wrong
+    identity never starts a session."""
+    request = _validated(JoinRequest, {"identity": identity, "spec": spec})
+    if spec.participant(request.identity) is None:
+        raise UnknownParticipant(
+            f"{identity!r} is not on the roster of session {spec.session_id!r}; "
+            "add them to the session's participants when starting it"
+        )
+    return request
+
+
+def check_extend(by: timedelta) -> ExtendRequest:
+    return _validated(ExtendRequest, {"by": by})
+
+
 def _validated(model: type[M], data: object) -> M:
     if isinstance(data, model):
         return data
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        raise InvalidInput(f"invalid {model.__name__}: {e}") from None
+        raise InvalidInput(f"invalid {model.__name__}: {summarize(e)}") from None
+
+
+def summarize(error: ValidationError, *, limit: int = 5) -> str:
+    """Pydantic's errors on one line, each as `where: what` (the input itself is left out: it may be large or
+    hold what the caller would not want in a log)."""
+    parts = [f"{'.'.join(str(x) for x in e['loc']) or 'body'}: {e['msg']}" for e in error.errors(include_url=False)]
+    more = f"; and {len(parts) - limit} more" if len(parts) > limit else ""
+    return "; ".join(parts[:limit]) + more
 
 
 class SessionClient:
@@ -213,14 +255,9 @@ class SessionClient:
         One call, idempotent per session: the first creates the workflow (update-with-start), later ones join
         the running session. A session that has ended never restarts under the same id.
         """
-        spec = self._in_deployment(_validated(SessionSpec, spec))
-        request = _validated(JoinRequest, {"identity": identity})
-        if spec.participant(request.identity) is None:
-            # Caught here too so a wrong identity never starts a session.
-            raise UnknownParticipant(
-                f"{identity!r} is not on the roster of session {spec.session_id!r}; "
-                "add them to the session's participants when starting it"
-            )
+        # The spec as it runs (with this client's deployment): a join carries it, so a changed one is refused.
+        spec = self._in_deployment(check_spec(spec))
+        request = check_join(spec, identity)
         update_id = _update_id("join")
         return await self._call(
             spec.session_id,
@@ -286,7 +323,7 @@ class SessionClient:
             return await self.recorded_outcome(session_id)
 
     async def extend(self, session_id: str, by: timedelta) -> SessionState:
-        request = _validated(ExtendRequest, {"by": by})
+        request = check_extend(by)
         update_id = _update_id("extend")
         return await self._call(
             session_id, lambda: self.handle(session_id).execute_update(SessionWorkflow.extend, request, id=update_id)
@@ -346,7 +383,7 @@ class SessionClient:
             except _NotReady:
                 not_ready_until = not_ready_until or loop.time() + NOT_READY_RETRY.total_seconds()
                 if loop.time() >= not_ready_until:
-                    raise SessionError(
+                    raise Unavailable(
                         f"session {session_id!r} did not accept the request for {NOT_READY_RETRY.total_seconds():g} s "
                         "(its workflow task keeps failing: see the Temporal UI); it is safe to retry"
                     ) from None
@@ -377,6 +414,11 @@ class SessionClient:
                 d.type_url.endswith("WorkflowNotReadyFailure") for d in e.grpc_status.details
             ):
                 raise _NotReady() from e
+            if e.status in _NO_ANSWER:
+                raise Unavailable(
+                    f"no answer for session {session_id!r} ({e.message}): is a worker (`sessionflow worker`) "
+                    f"polling task queue {self.task_queue!r}? It is safe to retry"
+                ) from e
             if e.status not in (RPCStatusCode.NOT_FOUND, RPCStatusCode.FAILED_PRECONDITION):
                 raise
             # An update or query to a closed session: say it has ended, never "not found".
@@ -391,7 +433,7 @@ class SessionClient:
             raise
         closed = _CLOSED.get(description.status) if description.status else None
         if closed is None:
-            return SessionError(f"session {session_id!r} is running but did not answer; try again")
+            return Unavailable(f"session {session_id!r} is running but did not answer; it is safe to retry")
         kind = SessionCancelled if description.status is WorkflowExecutionStatus.CANCELED else SessionEnded
         return kind(f"session {session_id!r} {closed}; start a new session id")
 

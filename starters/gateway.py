@@ -24,6 +24,7 @@ from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 
 from config.settings import Settings, get_settings
+from starters.api import install as install_sessions_api
 from starters.codec_server import codec_router
 from workers.logging import configure_logging
 from workers.temporal import connect
@@ -83,6 +84,9 @@ def create_app(settings: Settings, client: Client | None = None) -> FastAPI:
 
     app = FastAPI(title="sessionflow gateway", lifespan=lifespan)
     app.include_router(codec_router(settings))  # /codec/encode, /codec/decode for the Temporal UI and CLI
+    install_sessions_api(app, settings)
+    if client is not None:
+        app.state.temporal = client  # also for in-process use without a lifespan (tests on an ASGI transport)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -90,7 +94,11 @@ def create_app(settings: Settings, client: Client | None = None) -> FastAPI:
 
     @app.post("/livekit/webhook")
     async def livekit_webhook(request: Request) -> dict[str, str]:
-        body = (await request.body()).decode()
+        try:
+            body = (await request.body()).decode()
+        except UnicodeDecodeError:
+            # Never signed by LiveKit (it sends JSON): the sender's mistake, not ours.
+            raise HTTPException(status_code=400, detail="the webhook body is not UTF-8 text") from None
         try:
             # The header is the raw JWT, without "Bearer ".
             event = receiver.receive(body, request.headers.get("Authorization", ""))

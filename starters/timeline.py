@@ -105,7 +105,7 @@ def timeline(history: WorkflowHistory, converter: DataConverter) -> list[Moment]
                 add(e, f"{signaled.signal_name}{_describe_arg(arg)}")
         elif t == EventType.EVENT_TYPE_UPSERT_WORKFLOW_SEARCH_ATTRIBUTES:
             fields = e.upsert_workflow_search_attributes_event_attributes.search_attributes.indexed_fields
-            for key, payload in fields.items():
+            for key, payload in sorted(fields.items()):  # a protobuf map iterates in no fixed order
                 if key == "TemporalChangeVersion":
                     continue  # the SDK's record of a `workflow.patched` marker: nothing support needs to read
                 value = _value(converter, payload)

@@ -10,9 +10,20 @@ from __future__ import annotations
 import json
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import Annotated
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StringConstraints, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StringConstraints,
+    TypeAdapter,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
 # session ids become workflow ids and LiveKit room names (`session-<id>`): keep them short and URL-safe.
 SessionId = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{2,63}$")]
@@ -62,6 +73,46 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class StrictInput(Strict):
+    """A model a caller sends in (HTTP API, CLI, Python client): no coercion at all, so `"3"` is not 3 and `true`
+    is not a number. Enums take their values and durations have their own rule (`Duration`); the data converter
+    validates workflow payloads in JSON mode, where both read what every earlier release wrote."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+_ISO_DURATION = TypeAdapter(timedelta, config=ConfigDict(strict=True))
+
+
+def _duration(value: Any) -> Any:
+    """A duration is a timedelta, a whole number of seconds, or an ISO 8601 duration string ("PT45M", what
+    pydantic writes and every recorded history holds). Never a bool, a float or a number in a string."""
+    if isinstance(value, timedelta):
+        return value
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError("a duration is a whole number of seconds or an ISO 8601 duration such as \"PT45M\"")
+    if isinstance(value, int):
+        try:
+            return timedelta(seconds=value)
+        except OverflowError:
+            raise ValueError(f"{value} seconds is out of range") from None
+    return _ISO_DURATION.validate_json(json.dumps(value))
+
+
+# The one duration type of the input models (see `_duration`); `strict=False` lets the already-parsed value through.
+Duration = Annotated[
+    timedelta,
+    BeforeValidator(_duration),
+    Field(strict=False),
+    WithJsonSchema(
+        {
+            "anyOf": [{"type": "string", "format": "duration"}, {"type": "integer"}],
+            "description": 'an ISO 8601 duration ("PT45M") or a whole number of seconds',
+        }
+    ),
+]
+
+
 class SessionKind(StrEnum):
     INTERVIEW = "interview"
     COACHING = "coaching"
@@ -97,9 +148,9 @@ class EndReason(StrEnum):
     RECORDING_NOT_STOPPED = "recording_not_stopped"
 
 
-class Participant(Strict):
+class Participant(StrictInput):
     identity: Identity
-    role: Role
+    role: Annotated[Role, Field(strict=False)]
     name: DisplayName | None = None
 
     @field_validator("identity")
@@ -130,38 +181,38 @@ class WhenLost(StrEnum):
     END = "end"  # end the session
 
 
-class AvatarSpec(Strict):
+class AvatarSpec(StrictInput):
     avatar_id: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")]
     is_sandbox: bool = False
-    start: AvatarStart = AvatarStart.ON_FIRST_JOIN
+    start: Annotated[AvatarStart, Field(strict=False)] = AvatarStart.ON_FIRST_JOIN
     # A lost avatar (it left the room, its session ended, or it failed to start) is replaced this many times,
     # waiting replace_backoff, then twice that, ...; after that the session follows `when_lost`.
     max_replacements: Annotated[int, Field(ge=0, le=10)] = 2
-    replace_backoff: Annotated[timedelta, Field(ge=timedelta(0), le=timedelta(minutes=5))] = timedelta(seconds=2)
-    when_lost: WhenLost = WhenLost.CONTINUE
+    replace_backoff: Annotated[Duration, Field(ge=timedelta(0), le=timedelta(minutes=5))] = timedelta(seconds=2)
+    when_lost: Annotated[WhenLost, Field(strict=False)] = WhenLost.CONTINUE
     # Your LiveAvatar plan's cap on one avatar session. A session longer than this gets a fresh avatar
     # session shortly before the cap, so the avatar never stops mid-sentence.
-    max_session_duration: Annotated[timedelta, Field(ge=timedelta(minutes=2), le=timedelta(hours=8))] = timedelta(hours=1)
+    max_session_duration: Annotated[Duration, Field(ge=timedelta(minutes=2), le=timedelta(hours=8))] = timedelta(hours=1)
 
 
-class RecordingSpec(Strict):
+class RecordingSpec(StrictInput):
     """Record the session (a LiveKit room composite egress), but only while every one of `participants` has
     consented (the `consent` update): it starts once the last of them grants, and stops when any withdraws."""
 
     participants: Annotated[list[Identity], Field(min_length=1, max_length=50)]
 
 
-class QualityPolicy(Strict):
+class QualityPolicy(StrictInput):
     """What a human participant's connection quality means for the session (the room monitor measures it)."""
 
     # A level must hold this long before it counts (a blip is not a problem).
-    sustain: Annotated[timedelta, Field(ge=timedelta(0), le=timedelta(minutes=5))] = timedelta(seconds=5)
+    sustain: Annotated[Duration, Field(ge=timedelta(0), le=timedelta(minutes=5))] = timedelta(seconds=5)
     # These levels mark the session degraded, naming who and why; a better level clears it.
     degrade_on: Annotated[list[ConnectionLevel], Field(max_length=4)] = [ConnectionLevel.POOR, ConnectionLevel.LOST]
     # The avatar's video published but no frame for this long: the avatar is replaced (its usual recovery).
-    avatar_frozen_after: Annotated[timedelta, Field(ge=timedelta(seconds=2), le=timedelta(minutes=5))] = timedelta(seconds=6)
+    avatar_frozen_after: Annotated[Duration, Field(ge=timedelta(seconds=2), le=timedelta(minutes=5))] = timedelta(seconds=6)
     # A candidate whose connection stays lost this long ends the session (reason participant_lost); None: never.
-    end_when_candidate_lost_for: Annotated[timedelta, Field(ge=timedelta(seconds=5), le=timedelta(hours=1))] | None = None
+    end_when_candidate_lost_for: Annotated[Duration, Field(ge=timedelta(seconds=5), le=timedelta(hours=1))] | None = None
 
 
 # Per session kind when the spec names no policy: an interview degrades on poor quality, coaching only on lost.
@@ -171,25 +222,25 @@ DEFAULT_QUALITY: dict[SessionKind, QualityPolicy] = {
 }
 
 
-class SessionSpec(Strict):
+class SessionSpec(StrictInput):
     """Everything a session needs to know, fixed when it starts."""
 
     session_id: SessionId
-    kind: SessionKind
+    kind: Annotated[SessionKind, Field(strict=False)]
     # Set by SessionClient from its settings (a caller may leave it out); None only in sessions started before
     # deployments existed, whose rooms keep the older names.
     deployment: Deployment | None = None
     participants: Annotated[list[Participant], Field(min_length=1, max_length=50)]
     avatar: AvatarSpec | None = None
-    max_duration: Annotated[timedelta, Field(ge=timedelta(seconds=30), le=timedelta(hours=8))] = timedelta(hours=1)
+    max_duration: Annotated[Duration, Field(ge=timedelta(seconds=30), le=timedelta(hours=8))] = timedelta(hours=1)
     # `extend` may push the end out to at most this long after the start.
-    max_duration_cap: Annotated[timedelta, Field(ge=timedelta(seconds=30), le=timedelta(hours=12))] = timedelta(hours=2)
-    no_show_timeout: Annotated[timedelta, Field(ge=timedelta(seconds=5), le=timedelta(hours=1))] = timedelta(minutes=10)
+    max_duration_cap: Annotated[Duration, Field(ge=timedelta(seconds=30), le=timedelta(hours=12))] = timedelta(hours=2)
+    no_show_timeout: Annotated[Duration, Field(ge=timedelta(seconds=5), le=timedelta(hours=1))] = timedelta(minutes=10)
     max_participants: Annotated[int, Field(ge=1, le=50)] | None = None
     # A participant who drops may rejoin (with a new `join`) within this window; after it, `when_participant_lost`
     # applies: END ends the session, CONTINUE goes on with who is left (and ends once nobody is left).
-    reconnect_grace: Annotated[timedelta, Field(ge=timedelta(0), le=timedelta(minutes=30))] = timedelta(seconds=60)
-    when_participant_lost: WhenLost = WhenLost.CONTINUE
+    reconnect_grace: Annotated[Duration, Field(ge=timedelta(0), le=timedelta(minutes=30))] = timedelta(seconds=60)
+    when_participant_lost: Annotated[WhenLost, Field(strict=False)] = WhenLost.CONTINUE
     metadata: dict[Annotated[str, StringConstraints(max_length=64)], Annotated[str, StringConstraints(max_length=1024)]] = {}
     # None: the session is never recorded (and `consent` is refused).
     recording: RecordingSpec | None = None
@@ -235,8 +286,12 @@ class SessionSpec(Strict):
         return self.quality or DEFAULT_QUALITY[self.kind]
 
 
-class JoinRequest(Strict):
+class JoinRequest(StrictInput):
     identity: Identity
+    # The spec the caller started (or meant to start) the session with. A join carrying a spec that differs from
+    # the running session's is refused (`SpecChanged`) instead of silently joining a session set up otherwise.
+    # None: the caller only joins a running session (`join_running`), and every join recorded before this field.
+    spec: SessionSpec | None = None
 
 
 class JoinGrant(Strict):
@@ -250,15 +305,15 @@ class JoinGrant(Strict):
     expires_at: datetime
 
 
-class EndRequest(Strict):
+class EndRequest(StrictInput):
     reason: Annotated[str, StringConstraints(min_length=1, max_length=200)] = "ended by request"
 
 
-class ExtendRequest(Strict):
-    by: Annotated[timedelta, Field(gt=timedelta(0), le=timedelta(hours=4))]
+class ExtendRequest(StrictInput):
+    by: Annotated[Duration, Field(gt=timedelta(0), le=timedelta(hours=4))]
 
 
-class ConsentRequest(Strict):
+class ConsentRequest(StrictInput):
     """A participant grants (`granted`) or withdraws consent to record the session."""
 
     identity: Identity

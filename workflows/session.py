@@ -461,6 +461,7 @@ class SessionWorkflow:
 
     @join.validator
     def _validate_join(self, request: JoinRequest) -> None:
+        _refuse_changed_spec(self._spec, request)
         self._ask(lambda: self._machine.check_join(request.identity))
 
     @workflow.update
@@ -543,6 +544,24 @@ def current_details(state: SessionState) -> str:
     elif state.end_detail:
         lines.append(f"problem: {state.end_detail}")
     return "\n\n".join(lines)
+
+
+def _refuse_changed_spec(running: SessionSpec, request: JoinRequest) -> None:
+    """A join that carries a spec must carry the running session's: the same session id with another roster,
+    avatar or limits is a caller's mistake to be told about, not a change to apply or to ignore.
+
+    Only the validator calls this: a rejected update leaves nothing in history, and validators do not run on
+    replay, so adding this check changes no recorded history (no patch needed)."""
+    if request.spec is not None and request.spec != running:
+        changed = sorted(
+            name for name in SessionSpec.model_fields if getattr(request.spec, name) != getattr(running, name)
+        )
+        raise ApplicationError(
+            f"session {running.session_id!r} is running with a different spec (differs in: {', '.join(changed)}); "
+            "join with the spec it was started with, or start a new session id",
+            type="SpecChanged",
+            non_retryable=True,
+        )
 
 
 def _status_attributes(command: PublishStatus) -> list[SearchAttributeUpdate[Any]]:

@@ -4,8 +4,6 @@ server's refusal cleanly (recording `unavailable`, the session goes on), and kee
 
 from __future__ import annotations
 
-import json
-
 import pytest
 from temporalio.api.enums.v1 import EventType
 
@@ -52,8 +50,9 @@ async def _recording_requests(sessions: SessionClient, session_id: str) -> list[
         if event.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
             scheduled = event.activity_task_scheduled_event_attributes
             if scheduled.activity_type.name == "start_recording":
-                payload = scheduled.input.payloads[0]
-                found.append(json.loads(payload.data))
+                # Payloads are encrypted (workers/codec.py): read through the client's converter.
+                [request] = await sessions.client.data_converter.decode([scheduled.input.payloads[0]], [dict])
+                found.append(request)
     return found
 
 

@@ -129,7 +129,7 @@ async def test_show_of_a_terminated_session_names_the_avatar_sessions_it_recorde
 async def test_show_of_a_session_that_never_existed_says_so(sessions: SessionClient) -> None:
     rc, stdout, stderr = await sessionflow("show", "never-started-0")
     assert rc == 2 and stdout == ""
-    assert stderr.startswith("sessionflow: no session 'never-started-0'") and "never started" in stderr
+    assert stderr.startswith("sessionflow: error: no session 'never-started-0'") and "never started" in stderr
 
 
 async def _live_with_avatar(sessions: SessionClient, session_id: str) -> SessionState | None:

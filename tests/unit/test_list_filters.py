@@ -55,4 +55,4 @@ def test_the_cli_refuses_a_bad_filter_before_contacting_temporal() -> None:
         env={**os.environ, "TEMPORAL_ADDRESS": "127.0.0.1:9"}, capture_output=True, text=True, timeout=60,
     )
     assert (result.returncode, result.stdout) == (2, "")
-    assert result.stderr == "sessionflow: --degraded takes yes or no, not 'sometimes'\n"
+    assert result.stderr == "sessionflow: error: --degraded takes yes or no, not 'sometimes'\n"
