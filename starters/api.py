@@ -3,6 +3,7 @@
     POST /v1/sessions/{id}/join     {"spec": {...}, "identity": "cand-1"}  -> JoinGrant (starts the session if needed)
     POST /v1/sessions/{id}/end      {"reason": "..."} (optional)           -> SessionOutcome
     POST /v1/sessions/{id}/extend   {"by": "PT10M"} or {"by": 600}         -> SessionState
+    POST /v1/sessions/{id}/consent  {"identity": "cand-1", "granted": true} -> SessionState (recording gated on it)
     GET  /v1/sessions/{id}/state                                           -> SessionState
     GET  /v1/sessions?status=&kind=&limit=                                 -> sessions, newest first
 
@@ -53,6 +54,7 @@ from starters.client import (
 from starters.report import MAX_LIST_LIMIT, find_sessions, session_filter
 from workers.temporal import TemporalUnavailable
 from workflows.models import (
+    ConsentRequest,
     EndRequest,
     ExtendRequest,
     Identity,
@@ -83,7 +85,7 @@ ERRORS: tuple[tuple[type[Exception], int], ...] = (
     (SessionEnded, 409),
     (RoomFull, 409),
     (ExtendBeyondCap, 409),
-    (NotRecorded, 409),  # consent for a session that records nothing (the consent endpoint is wired by the lead)
+    (NotRecorded, 409),  # consent for a session that records nothing
     (Unavailable, 503),
     (TemporalUnavailable, 503),  # Temporal out of reach past SESSIONFLOW_TEMPORAL_RETRY_DEADLINE: safe to retry
     (SessionError, 503),
@@ -263,6 +265,13 @@ async def end(session_id: SessionIdPath, request: Request, body: Annotated[EndRe
 async def extend(session_id: SessionIdPath, body: ExtendRequest, request: Request) -> SessionState:
     """Push the session's end out by `by` (within its `max_duration_cap`)."""
     return await _sessions(request).extend(session_id, body.by)
+
+
+@router.post("/sessions/{session_id:path}/consent", response_model=SessionState)
+async def consent(session_id: SessionIdPath, body: ConsentRequest, request: Request) -> SessionState:
+    """A participant grants or withdraws consent to record the session; the recording follows at once (it runs
+    only while everyone the spec's `recording` names consents)."""
+    return await _sessions(request).consent(session_id, body.identity, body.granted)
 
 
 @router.get("/sessions/{session_id:path}/state", response_model=SessionState)

@@ -124,6 +124,31 @@ async def test_join_extend_state_end_over_http(api: Api) -> None:
     assert (await api.http.get(f"/v1/sessions/{sid}/state")).json()["status"] == "ended"  # still readable
 
 
+async def test_consent_over_http_gates_the_recording_and_refuses_what_the_client_refuses(api: Api) -> None:
+    session = spec(recording={"participants": ["cand"]})
+    sid = session["session_id"]
+    assert (await join(api, {"spec": session, "identity": "cand"})).status_code == 200
+    consent = f"/v1/sessions/{sid}/consent"
+    # Someone not asked, a lax bool, an extra field: refused, and nothing recorded or changed.
+    assert_error(await api.http.post(consent, json={"identity": "watcher", "granted": True}), 422, "UnknownParticipant")
+    assert_error(await api.http.post(consent, json={"identity": "cand", "granted": "yes"}), 422, "InvalidInput")
+    assert_error(await api.http.post(consent, json={"identity": "cand", "granted": True, "x": 1}), 422, "InvalidInput")
+    before = (await api.http.get(f"/v1/sessions/{sid}/state")).json()["recording"]
+    assert before["status"] == "waiting_for_consent" and before["consents"] == [] and before["egress_ids"] == []
+    # Granted: the state answered says so (the local server has no egress: the start is tried, then refused).
+    granted = (await api.http.post(consent, json={"identity": "cand", "granted": True})).json()["recording"]
+    assert granted["consented"] == ["cand"] and [c["granted"] for c in granted["consents"]] == [True]
+    withdrawn = (await api.http.post(consent, json={"identity": "cand", "granted": False})).json()["recording"]
+    assert withdrawn["consented"] == [] and [c["granted"] for c in withdrawn["consents"]] == [True, False]
+    # A session that records nothing: 409 NotRecorded, as the client's NotRecorded.
+    plain = spec()
+    assert (await join(api, {"spec": plain, "identity": "cand"})).status_code == 200
+    r = await api.http.post(f"/v1/sessions/{plain['session_id']}/consent", json={"identity": "cand", "granted": True})
+    assert_error(r, 409, "NotRecorded")
+    for s in (sid, plain["session_id"]):
+        await api.http.post(f"/v1/sessions/{s}/end", json={"reason": "test over"})
+
+
 def _at(text: str) -> datetime:
     return datetime.fromisoformat(text)
 
