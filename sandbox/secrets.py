@@ -1,9 +1,10 @@
 """The local stack's secrets: made at random on first run, kept in the state directory, reused afterwards.
 
 Nothing here is in git or has a public default: the LiveKit key pair (instead of the well-known
-``devkey``/``secret``, 6 bytes, below what HS256 needs), the payload encryption key, and the codec server's
-bearer tokens. ``<state dir>/secrets.json`` is readable by its owner only (0600); deleting it makes new ones
-(histories written with the old codec key then no longer decrypt: ``make clean`` removes both together).
+``devkey``/``secret``, 6 bytes, below what HS256 needs), the payload encryption key, the codec server's bearer
+tokens and the key of the opaque participant ids. ``<state dir>/secrets.json`` is readable by its owner only
+(0600); deleting it makes new ones (histories written with the old codec key then no longer decrypt: ``make
+clean`` removes both together).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ class LocalSecrets:
     codec_key: str  # base64, 32 bytes
     codec_admin_token: str
     codec_support_token: str
+    participant_id_key: str  # the HMAC key of the opaque `ParticipantIds` (workflows/search_attributes.py)
 
     def __repr__(self) -> str:
         return "LocalSecrets(<hidden>)"
@@ -44,6 +46,7 @@ class LocalSecrets:
             codec_key=base64.b64encode(key.key).decode(),
             codec_admin_token=secrets.token_urlsafe(32),
             codec_support_token=secrets.token_urlsafe(32),
+            participant_id_key=secrets.token_urlsafe(32),
         )
 
     @property
@@ -53,25 +56,40 @@ class LocalSecrets:
 
 
 def load_or_create(state_dir: Path) -> LocalSecrets:
-    """The secrets of the stack in ``state_dir``: read, or generated and written (0600) the first time."""
+    """The secrets of the stack in ``state_dir``: read, or generated and written (0600) the first time. A file from
+    an older version that lacks a secret added since gets it, generated and written back, so every later reader
+    shares it."""
     path = state_dir / SECRETS_FILE
     try:
+        data = json.loads(path.read_text())
+        known = {k: v for k, v in data.items() if k in LocalSecrets.__dataclass_fields__}
+        missing = {k: v for k, v in asdict(LocalSecrets.generate()).items() if k not in known}
+        if not missing:
+            return LocalSecrets(**known)
+        _write(path, LocalSecrets(**known, **missing), replace=True)
         return LocalSecrets(**json.loads(path.read_text()))
     except FileNotFoundError:
         pass
-    except (OSError, ValueError, TypeError) as error:
+    except (OSError, ValueError, TypeError, AttributeError) as error:
         raise StackError(f"unreadable {path}: {error}; remove it (and the Temporal database beside it)") from error
     state_dir.mkdir(parents=True, exist_ok=True)
-    fresh = LocalSecrets.generate()
+    _write(path, LocalSecrets.generate(), replace=False)
+    return LocalSecrets(**json.loads(path.read_text()))
+
+
+def _write(path: Path, values: LocalSecrets, *, replace: bool) -> None:
+    """Write ``values`` to ``path`` (0600) through a temporary file. Not ``replace``: two processes starting at once
+    both read the secrets of whichever linked its file first."""
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
-        f.write(json.dumps(asdict(fresh), indent=2) + "\n")
+        f.write(json.dumps(asdict(values), indent=2) + "\n")
     try:
-        # Two processes starting at once: the first link wins and both read the same secrets.
-        os.link(tmp, path)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)
     except FileExistsError:
         pass
     finally:
-        tmp.unlink()
-    return LocalSecrets(**json.loads(path.read_text()))
+        tmp.unlink(missing_ok=True)

@@ -138,7 +138,7 @@ API_KEY_FILE = "api-key"
 # The stack's generated secrets (sandbox/secrets.py): in every child's environment, never in the state file.
 SECRET_ENV = (
     "LIVEKIT_API_SECRET", "SESSIONFLOW_CODEC_KEYS", "SESSIONFLOW_CODEC_ADMIN_TOKEN", "SESSIONFLOW_CODEC_SUPPORT_TOKEN",
-    "SESSIONFLOW_API_KEY",
+    "SESSIONFLOW_API_KEY", "SESSIONFLOW_PARTICIPANT_ID_KEY",
 )
 
 # Variables that would point a child at something other than this stack (a Temporal Cloud key in the
@@ -282,6 +282,7 @@ class LocalStack(ChaosControls):
             "SESSIONFLOW_CODEC_KEYS": secrets.codec_keys,
             "SESSIONFLOW_CODEC_ADMIN_TOKEN": secrets.codec_admin_token,
             "SESSIONFLOW_CODEC_SUPPORT_TOKEN": secrets.codec_support_token,
+            "SESSIONFLOW_PARTICIPANT_ID_KEY": secrets.participant_id_key,
             "SESSIONFLOW_CODEC_CORS_ORIGIN": f"http://{HOST}:{p.temporal_ui}",
             "LIVEAVATAR_API_URL": f"http://{HOST}:{p.emulator}",
             "LIVEAVATAR_API_KEY": LOCAL_LIVEAVATAR_API_KEY,

@@ -4,6 +4,7 @@ the state file other processes read."""
 
 from __future__ import annotations
 
+import json
 import re
 import stat
 from pathlib import Path
@@ -57,3 +58,21 @@ def test_the_state_file_other_processes_read_holds_no_secret(tmp_path: Path) -> 
         assert stack.env[name] not in text, f"{name} leaked into {stack.state_file}"
     assert stack.env["LIVEKIT_API_KEY"] in text  # the key id is no secret; the stack is still described
     assert _mode(stack.state_file) == 0o600  # it names the UI's codec URL (support token) once services run
+
+
+def test_a_secrets_file_from_an_older_version_gets_the_secrets_added_since_and_keeps_its_own(tmp_path: Path) -> None:
+    first = LocalStack(state_dir=tmp_path).env
+    path = tmp_path / SECRETS_FILE
+    old = json.loads(path.read_text())
+    del old["participant_id_key"]  # written before the stack made one
+    path.write_text(json.dumps(old))
+
+    upgraded = LocalStack(state_dir=tmp_path).env
+    again = LocalStack(state_dir=tmp_path).env
+
+    assert upgraded["LIVEKIT_API_SECRET"] == first["LIVEKIT_API_SECRET"]  # nothing it had is replaced
+    assert upgraded["SESSIONFLOW_CODEC_KEYS"] == first["SESSIONFLOW_CODEC_KEYS"]
+    assert len(upgraded["SESSIONFLOW_PARTICIPANT_ID_KEY"]) >= 43
+    assert upgraded["SESSIONFLOW_PARTICIPANT_ID_KEY"] != first["SESSIONFLOW_PARTICIPANT_ID_KEY"]
+    assert again["SESSIONFLOW_PARTICIPANT_ID_KEY"] == upgraded["SESSIONFLOW_PARTICIPANT_ID_KEY"]  # written back
+    assert _mode(path) == 0o600
