@@ -215,6 +215,8 @@ class SessionClient:
         self.client = client
         self.settings = settings
         self.task_queue = task_queue or settings.task_queue
+        # Sessions found running under their pre-deployment id `session-<id>` (started by an older version).
+        self._older_named: set[str] = set()
 
     @classmethod
     async def connect(
@@ -235,8 +237,23 @@ class SessionClient:
         return self.client.get_workflow_handle_for(SessionWorkflow.run, self.workflow_id(check_session_id(session_id)))
 
     def workflow_id(self, session_id: str) -> str:
-        """The workflow id (and room name) of `session_id` in this client's deployment."""
+        """The workflow id (and room name) of `session_id` in this client's deployment, or its older
+        `session-<id>` once a call found the session under that name (started before deployments existed)."""
+        if session_id in self._older_named:
+            return workflow_id_for(session_id)
         return workflow_id_for(session_id, self.settings.deployment)
+
+    async def _found_under_older_name(self, session_id: str) -> bool:
+        """Whether a session of that id was started, by a version before deployments, as `session-<id>`; if so,
+        later calls of this client go there."""
+        try:
+            await self.client.get_workflow_handle(workflow_id_for(session_id)).describe()
+        except RPCError as e:
+            if e.status == RPCStatusCode.NOT_FOUND:
+                return False
+            raise
+        self._older_named.add(session_id)
+        return True
 
     def _in_deployment(self, spec: SessionSpec) -> SessionSpec:
         """`spec` carrying this client's deployment, which names its workflow and room; another is refused."""
@@ -380,6 +397,10 @@ class SessionClient:
         while True:
             try:
                 return await self._translated(session_id, call())
+            except SessionNotFound:
+                if session_id in self._older_named or not await self._found_under_older_name(session_id):
+                    raise
+                continue  # the same call, now to the session's older name
             except _NotReady:
                 not_ready_until = not_ready_until or loop.time() + NOT_READY_RETRY.total_seconds()
                 if loop.time() >= not_ready_until:
