@@ -33,7 +33,7 @@ from activities.liveavatar_client import (
 from activities.livekit import LiveKitActivities, mint_token
 from activities.reaper import owner_gone, session_workflow_statuses
 from config.settings import Settings
-from workflows.models import ROOM_PREFIX, AvatarCreated, AvatarRef, CreateAvatarInput, MintTokenInput, StartAvatarInput
+from workflows.models import ROOM_PREFIX, AvatarCreated, AvatarRef, CreateAvatarInput, MintTokenInput, Released, StartAvatarInput
 
 T = TypeVar("T")
 
@@ -213,7 +213,7 @@ class AvatarActivities:
                 activity.logger.info("keep-alive net: released for a workflow that is gone", extra={**context, "step": what})
 
     @activity.defn
-    async def stop_avatar_session(self, ref: AvatarRef) -> None:
+    async def stop_avatar_session(self, ref: AvatarRef) -> Released:
         """Stop the avatar session (API key + session id). Already ended or unknown counts as stopped.
 
         A cleanup step: it never gives up (see `never_final`).
@@ -224,3 +224,4 @@ class AvatarActivities:
             except Exception as e:
                 raise never_final(classify_liveavatar_error(e, f"stop avatar {ref.avatar_session_id}")) from e
         activity.logger.info("avatar stopped", extra={"avatar_session_id": ref.avatar_session_id})
+        return Released(resource="avatar session", id=ref.avatar_session_id)

@@ -20,7 +20,15 @@ from temporalio.exceptions import ApplicationError
 
 from activities.errors import classify_livekit_error, never_final
 from config.settings import Settings
-from workflows.models import CreateRoomInput, JoinGrant, MintTokenInput, RecordingStarted, Role, StartRecordingInput
+from workflows.models import (
+    CreateRoomInput,
+    JoinGrant,
+    MintTokenInput,
+    RecordingStarted,
+    Released,
+    Role,
+    StartRecordingInput,
+)
 
 T = TypeVar("T")
 
@@ -135,10 +143,11 @@ class LiveKitActivities:
         activity.logger.info("room ready", extra={"room": room.name, "room_sid": room.sid})
 
     @activity.defn
-    async def delete_room(self, room: str) -> None:
+    async def delete_room(self, room: str) -> Released:
         """Delete the room; a room that is already gone counts as deleted. A cleanup step: never gives up."""
         await self.release_room(room)
         activity.logger.info("room deleted", extra={"room": room})
+        return Released(resource="room", id=room)
 
     async def release_room(self, room: str) -> None:
         """Delete `room` (already gone counts as deleted); failures are classified and always retryable.

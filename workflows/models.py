@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -400,6 +400,13 @@ class StartAvatarInput(Strict):
 
 class AvatarRef(Strict):
     avatar_session_id: str
+
+
+class Released(Strict):
+    """What a cleanup activity released, as its result reads in the Temporal UI (instead of a bare `null`)."""
+
+    resource: Literal["room", "avatar session"]
+    id: str
 
 
 class StartRecordingInput(Strict):
