@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -264,6 +265,8 @@ def own_namespace(stack: Settings, tmp: Path) -> Iterator[int]:
 
 
 def shape(pid: int, *args: str) -> None:
+    missing = [tool for tool in ("nsenter", "tc") if shutil.which(tool) is None]
+    assert not missing, f"{missing} not found: install util-linux and iproute2 (apt-get install -y util-linux iproute2)"
     subprocess.run(["nsenter", f"--net=/proc/{pid}/ns/net", "tc", "qdisc", *args], check=True)
 
 
