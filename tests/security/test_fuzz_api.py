@@ -56,7 +56,8 @@ def cases(api: Api) -> st.SearchStrategy[Any]:
 def test_the_schema_has_every_operation(api: Api) -> None:
     assert {(op.method.upper(), op.path) for op in operations(api)} == {
         ("POST", "/v1/sessions/{session_id}/join"), ("POST", "/v1/sessions/{session_id}/end"),
-        ("POST", "/v1/sessions/{session_id}/extend"), ("GET", "/v1/sessions/{session_id}/state"), ("GET", "/v1/sessions"),
+        ("POST", "/v1/sessions/{session_id}/extend"), ("POST", "/v1/sessions/{session_id}/consent"),
+        ("GET", "/v1/sessions/{session_id}/state"), ("GET", "/v1/sessions"),
     }
 
 
