@@ -207,20 +207,25 @@ def map_payloads(message: Message, transform: Callable[[Payload], Payload]) -> N
                 map_payloads(item, transform)
 
 
-async def decode_history(history: WorkflowHistory, codec: PayloadCodec | None) -> WorkflowHistory:
-    """``history`` (as fetched: payloads encoded) with its payloads decoded by ``codec``, for reading it."""
-    if codec is None:
-        return history
-    events = History(events=history.events)
+def history_payloads(history: WorkflowHistory) -> list[Payload]:
+    """Every payload the SDK's codec encodes in ``history``, in order (what `map_payloads` visits)."""
     found: list[Payload] = []
 
     def collect(payload: Payload) -> Payload:
         found.append(payload)
         return payload
 
-    for event in events.events:
+    for event in history.events:
         map_payloads(event, collect)
-    decoded = iter(await codec.decode(found))
+    return found
+
+
+async def decode_history(history: WorkflowHistory, codec: PayloadCodec | None) -> WorkflowHistory:
+    """``history`` (as fetched: payloads encoded) with its payloads decoded by ``codec``, for reading it."""
+    if codec is None:
+        return history
+    events = History(events=history.events)
+    decoded = iter(await codec.decode(history_payloads(history)))
     for event in events.events:
         map_payloads(event, lambda _: next(decoded))
     return WorkflowHistory(history.workflow_id, list(events.events))

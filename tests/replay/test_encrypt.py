@@ -17,7 +17,7 @@ from tests.replay.test_replay import HISTORIES, HISTORY_DIR, replay
 from tests.support.binaries import venv_binary
 from tests.support.codec import corpus_codec_keys, corpus_data_converter
 from tests.support.replay_scenarios import SCENARIOS
-from workers.codec import EncryptionCodec, is_encrypted, map_payloads
+from workers.codec import EncryptionCodec, history_payloads, is_encrypted, map_payloads
 
 
 def _every_payload(message: Message) -> Iterator[Payload]:
@@ -34,18 +34,6 @@ def _every_payload(message: Message) -> Iterator[Payload]:
                 yield from _every_payload(item)
 
 
-def _visited(history: WorkflowHistory) -> list[Payload]:
-    found: list[Payload] = []
-
-    def collect(payload: Payload) -> Payload:
-        found.append(payload)
-        return payload
-
-    for event in history.events:
-        map_payloads(event, collect)
-    return found
-
-
 async def test_the_script_visits_exactly_the_payloads_the_sdk_encrypts() -> None:
     env = await WorkflowEnvironment.start_time_skipping(
         test_server_existing_path=venv_binary("temporal-test-server"), data_converter=corpus_data_converter()
@@ -58,7 +46,7 @@ async def test_the_script_visits_exactly_the_payloads_the_sdk_encrypts() -> None
     finally:
         await env.shutdown()
     encrypted_by_sdk = [p for event in history.events for p in _every_payload(event) if is_encrypted(p)]
-    visited = _visited(history)
+    visited = history_payloads(history)
     assert len(visited) == len(encrypted_by_sdk) > 20 and all(is_encrypted(p) for p in visited)
 
 

@@ -18,7 +18,6 @@ from pathlib import Path
 import httpx
 import pytest
 from google.protobuf import json_format
-from temporalio.api.common.v1 import Payload
 from temporalio.client import Client, WorkflowHistory
 
 from config.settings import DEFAULT_AVATAR_ID, Settings
@@ -26,7 +25,7 @@ from starters.client import SessionClient
 from tests.integration.conftest import sessions, stack, temporal  # noqa: F401  (the stack's fixtures)
 from tests.support.polling import eventually
 from tests.support.specs import interview
-from workers.codec import decode_history, map_payloads
+from workers.codec import decode_history, history_payloads
 from workers.logging import known_secrets
 from workflows.models import SessionSpec
 
@@ -65,20 +64,8 @@ def _history_bytes(history: WorkflowHistory) -> bytes:
     return b"".join(event.SerializeToString() for event in history.events)
 
 
-def _payloads(history: WorkflowHistory) -> list[Payload]:
-    found: list[Payload] = []
-
-    def collect(payload: Payload) -> Payload:
-        found.append(payload)
-        return payload
-
-    for event in history.events:
-        map_payloads(event, collect)
-    return found
-
-
 def _strings_in_payloads(history: WorkflowHistory) -> bytes:
-    return b"\n".join(p.data for p in _payloads(history))
+    return b"\n".join(p.data for p in history_payloads(history))
 
 
 async def test_the_raw_history_holds_no_token_no_key_and_no_name_in_clear(
@@ -142,7 +129,7 @@ async def test_the_temporal_ui_reads_history_through_the_gateways_codec_server(
     token = await _run_session(sessions, spec)
     raw_client = await Client.connect(stack.temporal_address, namespace=stack.temporal_namespace)
     raw = await raw_client.get_workflow_handle(spec.workflow_id).fetch_history()
-    body = {"payloads": [json_format.MessageToDict(p) for p in _payloads(raw)]}
+    body = {"payloads": [json_format.MessageToDict(p) for p in history_payloads(raw)]}
 
     async with httpx.AsyncClient(timeout=10) as http:
         ui_settings = (await http.get(f"{stack.temporal_ui_url}/api/v1/settings")).json()
