@@ -29,6 +29,7 @@ from temporalio import activity
 from temporalio.service import RPCError, RPCStatusCode
 
 from activities.livekit import mint_monitor_token
+from activities.rtc_connect import connect_shielded
 from config.settings import Settings
 from workflows.models import (
     ConnectionLevel,
@@ -151,16 +152,7 @@ class RoomMonitor:
         token = mint_monitor_token(self._settings, self._inp.room, monitor_identity_for(self._inp.session_id), TOKEN_TTL)
         room = rtc.Room()
         self._listen(room)
-        connecting = asyncio.ensure_future(
-            room.connect(self._settings.livekit_url, token, rtc.RoomOptions(auto_subscribe=False))
-        )
-        try:
-            await asyncio.shield(connecting)
-        except asyncio.CancelledError:
-            with contextlib.suppress(Exception):
-                await connecting
-            await room.disconnect()
-            raise
+        await connect_shielded(room, self._settings.livekit_url, token, rtc.RoomOptions(auto_subscribe=False))
         sid = await room.sid
         if sid != self.snapshot.room_sid:
             self.snapshot.room_sid, self.snapshot.lost_reported = sid, False

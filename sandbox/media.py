@@ -17,6 +17,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import numpy as np
 from livekit import rtc
 
+from activities.rtc_connect import connect_shielded
+
 VIDEO_TRACK_NAME = "synthetic-camera"
 AUDIO_TRACK_NAME = "synthetic-microphone"
 UNPUBLISH_TIMEOUT_S = 3.0
@@ -183,14 +185,7 @@ async def join_room(
     attempt is allowed to finish (cancelling it leaks FFI resources) and the room is left before re-raising.
     """
     room = rtc.Room()
-    connecting = asyncio.ensure_future(room.connect(url, token, options or rtc.RoomOptions()))
-    try:
-        await asyncio.shield(connecting)
-    except asyncio.CancelledError:
-        with contextlib.suppress(Exception):
-            await connecting
-        await room.disconnect()
-        raise
+    await connect_shielded(room, url, token, options or rtc.RoomOptions())
     media = SyntheticMedia() if publish_media else None
     try:
         if media is not None:
