@@ -290,7 +290,10 @@ class Scenario:
         slug = "".join(c for c in self.name.lower() if c.isalnum())[:20]
         start = AvatarStart.IMMEDIATELY if immediately else AvatarStart.ON_FIRST_JOIN
         avatar_spec = {"avatar_id": DEFAULT_AVATAR_ID, "start": start.value}
-        spec = interview(session_id=f"cx-{slug}-{uuid.uuid4().hex[:6]}", avatar=avatar_spec if avatar else None, **overrides)
+        spec = interview(
+            session_id=f"cx-{slug}-{uuid.uuid4().hex[:6]}", avatar=avatar_spec if avatar else None,
+            deployment=self.settings.deployment, **overrides,
+        )
         self.specs[spec.session_id] = spec
         self.result.sessions = len(self.specs)
         return spec
