@@ -64,9 +64,9 @@ demo: install
 screenshots: install
 	$(PY) -m sandbox screenshots
 
-## bench: measure session-ready time against a Temporal baseline (figures go in docs/benchmarks.md)
+## bench: every benchmark on a local stack (figures and plots go in docs/benchmarks.md); BENCH_ARGS="session_ready --quick" picks
 bench: install
-	$(PY) -m sandbox exec -- $(PY) -m bench.session_ready $(BENCH_ARGS)
+	$(PY) -m sandbox exec -- $(PY) -m bench $(BENCH_ARGS)
 
 ## record-histories: add the histories replayed by tests/replay (never overwrites; NAMES=... for some)
 record-histories: install

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 from livekit import rtc
 
+from bench.common import usage
 from config.settings import Settings
 from sandbox.media import join_room
 from sandbox.stack import REPO_ROOT, LocalStack
@@ -44,8 +45,6 @@ from workers.worker import build_media_worker, build_worker
 from workflows.models import SessionSpec
 
 POLL_S = 0.02
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 def spec(n: int) -> SessionSpec:
@@ -127,14 +126,6 @@ async def audio_participant(url: str, token: str) -> AsyncIterator[None]:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
             await source.aclose()
-
-
-def usage(pid: int) -> tuple[float, float]:
-    """(CPU seconds so far, resident MiB) of process `pid`."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    cpu = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-    rss = int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE / 2**20
-    return cpu, rss
 
 
 async def sample(pid: int, hold: float) -> dict[str, float]:

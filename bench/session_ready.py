@@ -1,8 +1,8 @@
 """Session-ready time: `SessionClient.join` (update-with-start) until the grant is back, at several concurrencies,
 against two baselines measured in the same run at the same concurrency.
 
-    make bench        (or: python -m sandbox exec -- python -m bench.session_ready)
-    make bench BENCH_ARGS="--levels 1:30,10:40,50:100 --json .sessionflow/bench-session-ready.json"
+    python -m sandbox exec -- python -m bench.session_ready        (`make bench` runs it with the others)
+    python -m sandbox exec -- python -m bench.session_ready --levels 1:30,10:40,50:100 --json /tmp/ready.json
 
 For each level `c:n`, `c` callers run concurrently (closed loop: each starts its next call as soon as its previous
 one returns) until `n` calls are done. Measured at each level, one after the other:
@@ -26,14 +26,9 @@ import argparse
 import asyncio
 import json
 import os
-import platform
-import statistics
-import subprocess
 import sys
-import time
 import uuid
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -47,6 +42,7 @@ from temporalio.common import WorkflowIDConflictPolicy
 from temporalio.worker import Worker
 
 from activities.livekit import mint_token
+from bench.common import Call, Phase, closed_loop, machine, parse_levels, pct, summary, write_json
 from config.settings import Settings
 from starters.client import SessionClient
 from workers.temporal import connect
@@ -77,61 +73,6 @@ class FloorWorkflow:
 
 
 # ---- figures --------------------------------------------------------------------------------------------------
-
-
-def pct(values: list[float], q: float) -> float:
-    """Nearest-rank percentile (with n <= 100 samples, p99 is the largest or second largest)."""
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
-def summary(ms: list[float], wall_s: float) -> dict[str, float]:
-    return {
-        "n": len(ms),
-        "p50": pct(ms, 0.5),
-        "p90": pct(ms, 0.9),
-        "p99": pct(ms, 0.99),
-        "max": max(ms),
-        "mean": statistics.mean(ms),
-        "per_s": len(ms) / wall_s if wall_s > 0 else 0.0,
-    }
-
-
-@dataclass
-class Call:
-    """One measured call: its duration and the wall-clock time (epoch seconds) the client sent it."""
-
-    ms: float
-    sent: float
-    key: str = ""
-
-
-@dataclass
-class Phase:
-    calls: list[Call] = field(default_factory=list)
-    wall_s: float = 0.0
-
-    @property
-    def ms(self) -> list[float]:
-        return [c.ms for c in self.calls]
-
-
-async def closed_loop(keys: list[str], concurrency: int, op: Callable[[str], Awaitable[None]]) -> Phase:
-    """Run `op(key)` for every key with `concurrency` callers, each taking the next key when it is done."""
-    phase = Phase()
-    todo = iter(keys)
-
-    async def caller() -> None:
-        for key in todo:  # one iterator shared by all callers: each key is taken once
-            sent = time.time()
-            t = time.perf_counter()
-            await op(key)
-            phase.calls.append(Call((time.perf_counter() - t) * 1000, sent, key))
-
-    t0 = time.perf_counter()
-    await asyncio.gather(*(caller() for _ in range(min(concurrency, len(keys)))))
-    phase.wall_s = time.perf_counter() - t0
-    return phase
 
 
 # ---- the measured operations ----------------------------------------------------------------------------------
@@ -319,31 +260,6 @@ def print_breakdowns(results: list[dict[str, Any]]) -> None:
 # ---- the run --------------------------------------------------------------------------------------------------
 
 
-def parse_levels(text: str) -> list[tuple[int, int]]:
-    levels = []
-    for part in text.split(","):
-        c, _, n = part.partition(":")
-        levels.append((int(c), int(n)))
-    return levels
-
-
-def machine() -> dict[str, Any]:
-    def run(*cmd: str) -> str:
-        try:
-            return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, check=False).stdout.strip()
-        except OSError:
-            return ""
-
-    return {
-        "nproc": os.cpu_count(),
-        "load_avg_at_end": os.getloadavg(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "commit": run("git", "rev-parse", "--short", "HEAD"),
-        "dirty": bool(run("git", "status", "--porcelain", "--untracked-files=no")),
-    }
-
-
 FIGURES = ("p50", "p90", "p99", "max", "mean", "per_s")
 
 
@@ -455,11 +371,6 @@ async def main() -> None:
     }
     write_json(Path(args.json), out)
     print(f"figures written to {args.json}")
-
-
-def write_json(path: Path, out: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=2) + "\n")
 
 
 if __name__ == "__main__":

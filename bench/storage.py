@@ -28,7 +28,8 @@ from temporalio.client import Client, WithStartWorkflowOperation
 from temporalio.common import WorkflowIDConflictPolicy
 from temporalio.worker import Worker
 
-from bench.session_ready import FloorWorkflow, Phase, closed_loop, machine, parse_levels, summary, write_json
+from bench.common import Phase, closed_loop, machine, parse_levels, summary, write_json
+from bench.session_ready import FloorWorkflow
 from sandbox.stack import TEMPORAL_NAMESPACE, TEMPORAL_SQLITE_PRAGMAS, LocalStack, StackPorts
 
 DEFAULT_LEVELS = "1:30,10:60,50:150"
