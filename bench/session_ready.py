@@ -50,7 +50,6 @@ from workers.worker import build_worker
 from workflows.machine import PARTICIPANT_TOKEN_TTL
 from workflows.models import MintTokenInput, Role, SessionSpec, workflow_id_for
 
-REPO = Path(__file__).resolve().parent.parent
 DEFAULT_LEVELS = "1:30,10:40,50:100"
 DEFAULT_JSON = ".sessionflow/bench-session-ready.json"
 # Direct-baseline rooms carry this prefix (session rooms are `session-bench-...`), so leftovers are easy to find.
