@@ -345,11 +345,14 @@ async def main() -> None:
     plot = None
     if results and not args.no_plot:
         series: dict[str, list[float]] = {}
-        for lv in results:
+        styles: dict[str, dict[str, Any]] = {}
+        for n, lv in enumerate(results):
             c = lv["concurrency"]
-            series[f"engine, c={c}: join -> avatar video"] = lv["samples_ms"]["engine_track"]
-            series[f"emulator alone, c={c}: -> avatar video"] = lv["samples_ms"]["base_track"]
-        plot = cdf_plot("bench-avatar-in-room", "Avatar in room: until the candidate has the avatar's video track", series)
+            engine, alone = f"engine, c={c}: join -> avatar video", f"emulator alone, c={c}: -> avatar video"
+            series[engine], series[alone] = lv["samples_ms"]["engine_track"], lv["samples_ms"]["base_track"]
+            styles[engine], styles[alone] = {"color": f"C{n}"}, {"color": f"C{n}", "linestyle": "--"}
+        plot = cdf_plot("bench-avatar-in-room", "Avatar in room: until the candidate has the avatar's video track",
+                        series, styles=styles)
         print(f"\nplot: {plot.relative_to(Path.cwd()) if plot.is_relative_to(Path.cwd()) else plot}")
     # What is left of every room the run used: none, once every session has ended.
     left = await leftovers(settings, bench.rooms)

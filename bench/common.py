@@ -175,15 +175,17 @@ def started_on() -> dict[str, Any]:
 
 
 def cdf_plot(name: str, title: str, series: dict[str, list[float]], xlabel: str = "milliseconds",
-             log_x: bool = False) -> Path:
-    """One empirical CDF line per series (label -> samples), saved as `docs/img/<name>.png`."""
+             log_x: bool = False, styles: dict[str, dict[str, Any]] | None = None) -> Path:
+    """One empirical CDF line per series (label -> samples), saved as `docs/img/<name>.png`; `styles` gives a
+    series matplotlib line options (e.g. `{"color": "C0", "linestyle": "--"}` for a baseline beside its run)."""
     fig, ax = figure(title, xlabel, "fraction of samples at or below")
     for label, values in series.items():
         if not values:
             continue
         ordered = sorted(values)
         ys = [(i + 1) / len(ordered) for i in range(len(ordered))]
-        ax.step(ordered, ys, where="post", label=f"{label} (n={len(ordered)})")
+        ax.step([ordered[0], *ordered], [0.0, *ys], where="post", label=f"{label} (n={len(ordered)})",
+                **(styles or {}).get(label, {}))
     if log_x:
         ax.set_xscale("log")
     ax.set_ylim(0, 1.02)
