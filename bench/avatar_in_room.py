@@ -48,6 +48,7 @@ from activities.livekit import mint_token
 from bench.common import (
     cdf_plot,
     closed_loop,
+    end_sessions,
     leftovers,
     machine,
     parse_levels,
@@ -142,7 +143,11 @@ class Bench:
         except Exception as e:  # counted and shown; the run goes on
             self.failures.append(f"engine {session_id}: {e!r}")
         t_end = time.monotonic()
-        await self.sessions.end(session_id, "bench over")
+        try:
+            await self.sessions.end(session_id, "bench over")
+        except Exception as e:  # the cleanup tries again
+            self.failures.append(f"end {session_id}: {e!r}")
+            return
         self.samples["engine_end"].append((time.monotonic() - t_end) * 1000)
         self.open_sessions.discard(session_id)
 
@@ -181,7 +186,10 @@ class Bench:
             self.samples["base_frame"].append((t_frame - t0) * 1000)
         except Exception as e:
             self.failures.append(f"baseline {room}: {e!r}")
-        await self.release_direct()
+        try:
+            await self.release_direct()
+        except Exception as e:  # the cleanup tries again
+            self.failures.append(f"baseline release {room}: {e!r}")
 
     async def release_direct(self) -> None:
         """Stop the directly started avatars and delete the direct rooms not yet released."""
@@ -201,12 +209,8 @@ class Bench:
                     self.direct_rooms.discard(room)
 
     async def cleanup(self) -> None:
-        for session_id in list(self.open_sessions):
-            try:
-                await self.sessions.end(session_id, "bench cleanup")
-            except Exception as e:
-                self.failures.append(f"cleanup end {session_id}: {e!r}")
-            self.open_sessions.discard(session_id)
+        await end_sessions(self.sessions, sorted(self.open_sessions), self.failures)
+        self.open_sessions.clear()
         await self.release_direct()
 
 

@@ -315,3 +315,23 @@ def quiet_sdk_logs() -> None:
 
     logging.getLogger("livekit").setLevel(logging.CRITICAL)
     logging.getLogger("temporalio.activity").setLevel(logging.ERROR)
+
+
+async def end_sessions(sessions: Any, session_ids: list[str], failures: list[str], attempts: int = 3) -> None:
+    """End each session (ten at a time), retrying an attempt that failed (an overloaded machine can time a workflow
+    task out); one already ended or never started counts as ended. What still fails goes into `failures`."""
+    from starters.client import SessionEnded, SessionNotFound
+
+    async def end(session_id: str) -> None:
+        for attempt in range(1, attempts + 1):
+            try:
+                await sessions.end(session_id, "bench cleanup")
+                return
+            except (SessionEnded, SessionNotFound):
+                return
+            except Exception as e:
+                if attempt == attempts:
+                    failures.append(f"cleanup: could not end {session_id}: {e!r}")
+
+    for i in range(0, len(session_ids), 10):
+        await asyncio.gather(*(end(sid) for sid in session_ids[i:i + 10]))

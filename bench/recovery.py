@@ -54,6 +54,7 @@ from bench.avatar_in_room import Bench as AvatarBaseline
 from bench.common import (
     RESULTS,
     cdf_plot,
+    end_sessions,
     leftovers,
     machine,
     print_leftovers,
@@ -300,12 +301,8 @@ class Bench:
     async def cleanup(self) -> None:
         """End what is still open; terminate what will not end; the reaper and the keep-alive net do the rest,
         and the leftovers check at the end says whether they did."""
-        for session_id in list(self.open_sessions):
-            try:
-                await asyncio.wait_for(self.sessions.end(session_id, "bench cleanup"), 60)
-            except Exception as e:
-                self.failures.append(f"cleanup end {session_id}: {e!r}")
-            self.open_sessions.discard(session_id)
+        await end_sessions(self.sessions, sorted(self.open_sessions), self.failures)
+        self.open_sessions.clear()
         await self.http.aclose()
 
 

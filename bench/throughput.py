@@ -39,6 +39,7 @@ from livekit import api
 from activities.livekit import mint_token
 from bench.common import (
     closed_loop,
+    end_sessions,
     figure,
     leftovers,
     machine,
@@ -154,12 +155,8 @@ class Bench:
                         "delete": (t_end - t_connect) * 1000, "total": (t_end - t0) * 1000})
 
     async def cleanup(self) -> None:
-        for session_id in list(self.open_sessions):
-            try:
-                await self.sessions.end(session_id, "bench cleanup")
-            except Exception as e:
-                self.failures.append(f"cleanup end {session_id}: {e!r}")
-            self.open_sessions.discard(session_id)
+        await end_sessions(self.sessions, sorted(self.open_sessions), self.failures)
+        self.open_sessions.clear()
         if self.direct_rooms:
             async with self.lk() as lk:
                 for room in list(self.direct_rooms):
