@@ -175,9 +175,11 @@ def started_on() -> dict[str, Any]:
 
 
 def cdf_plot(name: str, title: str, series: dict[str, list[float]], xlabel: str = "milliseconds",
-             log_x: bool = False, styles: dict[str, dict[str, Any]] | None = None) -> Path:
+             log_x: bool = False, styles: dict[str, dict[str, Any]] | None = None,
+             marks: dict[str, float] | None = None) -> Path:
     """One empirical CDF line per series (label -> samples), saved as `docs/img/<name>.png`; `styles` gives a
-    series matplotlib line options (e.g. `{"color": "C0", "linestyle": "--"}` for a baseline beside its run)."""
+    series matplotlib line options (e.g. `{"color": "C0", "linestyle": "--"}` for a baseline beside its run);
+    `marks` draws a labelled vertical line at each value (targets)."""
     fig, ax = figure(title, xlabel, "fraction of samples at or below")
     for label, values in series.items():
         if not values:
@@ -186,6 +188,8 @@ def cdf_plot(name: str, title: str, series: dict[str, list[float]], xlabel: str 
         ys = [(i + 1) / len(ordered) for i in range(len(ordered))]
         ax.step([ordered[0], *ordered], [0.0, *ys], where="post", label=f"{label} (n={len(ordered)})",
                 **(styles or {}).get(label, {}))
+    for n, (label, x) in enumerate((marks or {}).items()):
+        ax.axvline(x, color="grey", linestyle=(0, (1, 1 + n)), linewidth=1, label=label)
     if log_x:
         ax.set_xscale("log")
     ax.set_ylim(0, 1.02)

@@ -429,7 +429,12 @@ async def main() -> None:
         series["emulator alone: avatar video"] = samples.get("crash", {}).get("base_track", [])
         series["terminate (avatar): released"] = samples.get("terminate_avatar", {}).get("released", [])
         series["terminate (no avatar): released"] = samples.get("terminate_plain", {}).get("released", [])
-        plot = cdf_plot("bench-recovery", "Recovery: from the fault until working again / released", series, log_x=True)
+        marks = {"target: worker kill 5 s": 5000.0}
+        if "crash_target" in results:
+            marks["target: crash 3 s + emulator start (p50)"] = results["crash_target"][
+                "target_ms (3 s + emulator start)"]["p50"]
+        plot = cdf_plot("bench-recovery", "Recovery: from the fault until working again / released", series,
+                        log_x=True, marks=marks)
         print(f"\nplot: {plot}")
     print_leftovers(left, f"{len(bench.rooms)} rooms used")
     write_json(Path(args.json), {
