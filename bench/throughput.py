@@ -225,7 +225,12 @@ def plot(results: list[dict[str, Any]]) -> Path:
         rows = sorted((lv["concurrency"], lv["sessions_per_s"]) for lv in results if lv["kind"] == kind)
         if rows:
             ax.plot([c for c, _ in rows], [v for _, v in rows], marker="o", label=LABELS[kind])
+    from matplotlib.ticker import FormatStrFormatter
+
     ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+    ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
+    ax.set_xticks(sorted({lv["concurrency"] for lv in results}))
     ax.legend(fontsize=8)
     return save_plot(fig, "bench-throughput")
 
