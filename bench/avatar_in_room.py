@@ -56,6 +56,7 @@ from bench.common import (
     print_table,
     quiet_sdk_logs,
     ratios,
+    read_json,
     started_on,
     summary,
     watching_participant,
@@ -309,6 +310,19 @@ def print_level(level: dict[str, Any]) -> None:
                 prev = m[key]
 
 
+def draw(results: list[dict[str, Any]]) -> Path:
+    """The CDF of join -> avatar video, engine against the emulator alone (dashed), per level."""
+    series: dict[str, list[float]] = {}
+    styles: dict[str, dict[str, Any]] = {}
+    for n, lv in enumerate(results):
+        c = lv["concurrency"]
+        engine, alone = f"engine, c={c}: join -> avatar video", f"emulator alone, c={c}: -> avatar video"
+        series[engine], series[alone] = lv["samples_ms"]["engine_track"], lv["samples_ms"]["base_track"]
+        styles[engine], styles[alone] = {"color": f"C{n}"}, {"color": f"C{n}", "linestyle": "--"}
+    return cdf_plot("bench-avatar-in-room", "Avatar in room: until the candidate has the avatar's video track",
+                    series, styles=styles)
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--levels", default=DEFAULT_LEVELS,
@@ -318,7 +332,11 @@ async def main() -> None:
                         help="when the session starts its avatar (default on_first_join: the candidate's join)")
     parser.add_argument("--json", default=DEFAULT_JSON, help=f"where to write the figures (default {DEFAULT_JSON})")
     parser.add_argument("--no-plot", action="store_true", help="do not write docs/img/bench-avatar-in-room.png")
+    parser.add_argument("--replot", metavar="JSON", help="only draw the plot again from a run's JSON, then exit")
     args = parser.parse_args()
+    if args.replot:
+        print(draw(read_json(args.replot)["levels"]))
+        return
     quiet_sdk_logs()
     levels = parse_levels(args.levels)
     # No room monitor: nothing serves a media task queue in this run (the webhooks tell the session of the join).
@@ -346,18 +364,9 @@ async def main() -> None:
         print(f"\n{len(bench.failures)} samples failed (not in the figures):")
         for f in bench.failures[:10]:
             print(f"  {f}")
-    plot = None
-    if results and not args.no_plot:
-        series: dict[str, list[float]] = {}
-        styles: dict[str, dict[str, Any]] = {}
-        for n, lv in enumerate(results):
-            c = lv["concurrency"]
-            engine, alone = f"engine, c={c}: join -> avatar video", f"emulator alone, c={c}: -> avatar video"
-            series[engine], series[alone] = lv["samples_ms"]["engine_track"], lv["samples_ms"]["base_track"]
-            styles[engine], styles[alone] = {"color": f"C{n}"}, {"color": f"C{n}", "linestyle": "--"}
-        plot = cdf_plot("bench-avatar-in-room", "Avatar in room: until the candidate has the avatar's video track",
-                        series, styles=styles)
-        print(f"\nplot: {plot.relative_to(Path.cwd()) if plot.is_relative_to(Path.cwd()) else plot}")
+    plot = draw(results) if results and not args.no_plot else None
+    if plot:
+        print(f"\nplot: {plot}")
     # What is left of every room the run used: none, once every session has ended.
     left = await leftovers(settings, bench.rooms)
     print_leftovers(left, f"{len(bench.rooms)} rooms used")

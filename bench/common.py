@@ -121,6 +121,11 @@ def write_json(path: Path, out: dict[str, Any]) -> None:
     path.write_text(json.dumps(out, indent=2) + "\n")
 
 
+def read_json(path: str | Path) -> Any:
+    """A run's JSON (what `write_json` wrote), e.g. to draw its plots again (`--replot`)."""
+    return json.loads(Path(path).read_text())
+
+
 def save_plot(fig: Any, name: str) -> Path:
     """Write a matplotlib figure as `docs/img/<name>.png` (what docs/benchmarks.md shows) and close it."""
     import matplotlib.pyplot as plt

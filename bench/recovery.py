@@ -60,6 +60,7 @@ from bench.common import (
     print_leftovers,
     print_table,
     quiet_sdk_logs,
+    read_json,
     started_on,
     summary,
     watching_participant,
@@ -338,13 +339,36 @@ async def wait_released(bench: Bench, timeout: float) -> dict[str, list[str]]:
         await asyncio.sleep(0.5)  # the polling period of the final check
 
 
+def draw(samples: dict[str, dict[str, list[float]]], results: dict[str, Any]) -> Path:
+    """The CDF of each recovery, with the issue's targets marked."""
+    series: dict[str, list[float]] = {}
+    for key, label in (("kill_replacement", "worker kill (replacement): extend answered"),
+                       ("kill_survivor", "worker kill (survivor): extend answered")):
+        series[label] = samples.get(key, {}).get("extend", [])
+    series["avatar crash: new avatar video"] = samples.get("crash", {}).get("track", [])
+    series["emulator alone: avatar video"] = samples.get("crash", {}).get("base_track", [])
+    series["terminate (avatar): released"] = samples.get("terminate_avatar", {}).get("released", [])
+    series["terminate (no avatar): released"] = samples.get("terminate_plain", {}).get("released", [])
+    marks = {"target: worker kill 5 s": 5000.0}
+    if "crash_target" in results:
+        marks["target: crash 3 s + emulator start (p50)"] = results["crash_target"][
+            "target_ms (3 s + emulator start)"]["p50"]
+    return cdf_plot("bench-recovery", "Recovery: from the fault until working again / released", series,
+                    log_x=True, marks=marks)
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=5, help="repetitions of each fault (default 5)")
     parser.add_argument("--only", default="kill,crash,terminate", help="which faults (default kill,crash,terminate)")
     parser.add_argument("--json", default=DEFAULT_JSON, help=f"where to write the figures (default {DEFAULT_JSON})")
     parser.add_argument("--no-plot", action="store_true", help="do not write docs/img/bench-recovery.png")
+    parser.add_argument("--replot", metavar="JSON", help="only draw the plot again from a run's JSON, then exit")
     args = parser.parse_args()
+    if args.replot:
+        out = read_json(args.replot)
+        print(draw(out["samples_ms"], out["results"]))
+        return
     faults = set(args.only.split(","))
     quiet_sdk_logs()
     # No room monitor (nothing serves a media task queue): the sessions learn of joins and leaves from webhooks.
@@ -419,22 +443,8 @@ async def main() -> None:
         print(f"\n{len(bench.failures)} repetitions failed (not in the figures):")
         for f in bench.failures[:10]:
             print(f"  {f}")
-    plot = None
-    if samples and not args.no_plot:
-        series: dict[str, list[float]] = {}
-        for key, label in (("kill_replacement", "worker kill (replacement): extend answered"),
-                           ("kill_survivor", "worker kill (survivor): extend answered")):
-            series[label] = samples.get(key, {}).get("extend", [])
-        series["avatar crash: new avatar video"] = samples.get("crash", {}).get("track", [])
-        series["emulator alone: avatar video"] = samples.get("crash", {}).get("base_track", [])
-        series["terminate (avatar): released"] = samples.get("terminate_avatar", {}).get("released", [])
-        series["terminate (no avatar): released"] = samples.get("terminate_plain", {}).get("released", [])
-        marks = {"target: worker kill 5 s": 5000.0}
-        if "crash_target" in results:
-            marks["target: crash 3 s + emulator start (p50)"] = results["crash_target"][
-                "target_ms (3 s + emulator start)"]["p50"]
-        plot = cdf_plot("bench-recovery", "Recovery: from the fault until working again / released", series,
-                        log_x=True, marks=marks)
+    plot = draw(samples, results) if samples and not args.no_plot else None
+    if plot:
         print(f"\nplot: {plot}")
     print_leftovers(left, f"{len(bench.rooms)} rooms used")
     write_json(Path(args.json), {

@@ -47,6 +47,7 @@ from bench.common import (
     print_leftovers,
     print_table,
     quiet_sdk_logs,
+    read_json,
     save_plot,
     started_on,
     summary,
@@ -246,7 +247,11 @@ async def main() -> None:
     parser.add_argument("--poll-ms", type=float, default=100.0, help="how often `state` is asked whether the session is live")
     parser.add_argument("--json", default=DEFAULT_JSON, help=f"where to write the figures (default {DEFAULT_JSON})")
     parser.add_argument("--no-plot", action="store_true", help="do not write docs/img/bench-throughput.png")
+    parser.add_argument("--replot", metavar="JSON", help="only draw the plot again from a run's JSON, then exit")
     args = parser.parse_args()
+    if args.replot:
+        print(plot(read_json(args.replot)["levels"]))
+        return
     quiet_sdk_logs()
     plan = [("direct", c, n) for c, n in parse_levels(args.levels)]
     plan += [("none", c, n) for c, n in parse_levels(args.levels)]
