@@ -198,7 +198,8 @@ def cdf_plot(name: str, title: str, series: dict[str, list[float]], xlabel: str 
     if log_x:
         ax.set_xscale("log")
     ax.set_ylim(0, 1.02)
-    ax.legend(loc="lower right", fontsize=8)
+    fig.set_size_inches(10, 4)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)  # beside the plot: no line hidden
     return save_plot(fig, name)
 
 
