@@ -24,6 +24,12 @@ BENCHES: dict[str, tuple[str, list[str]]] = {
                        ["--sessions", "5", "--events", "5", "--hold", "5"]),
     "storage": ("the dev server's SQLite: default journal against WAL (two servers of its own)",
                 ["--levels", "1:10,10:20", "--rounds", "1"]),
+    "avatar_in_room": ("join call until the candidate has the avatar's video, against the emulator alone",
+                       ["--levels", "1:3,3:3", "--warmup", "1"]),
+    "throughput": ("whole sessions started, run and cleaned per second, against direct LiveKit",
+                   ["--levels", "10:20", "--avatar-levels", "5:10", "--warmup", "1"]),
+    "recovery": ("worker kill, avatar crash and terminate until working again / released",
+                 ["--reps", "2"]),
 }
 
 

@@ -4,13 +4,14 @@ JSON output and matplotlib plots. A benchmark prints figures and writes them; it
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import platform
 import statistics
 import subprocess
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -120,6 +121,11 @@ def write_json(path: Path, out: dict[str, Any]) -> None:
     path.write_text(json.dumps(out, indent=2) + "\n")
 
 
+def read_json(path: str | Path) -> Any:
+    """A run's JSON (what `write_json` wrote), e.g. to draw its plots again (`--replot`)."""
+    return json.loads(Path(path).read_text())
+
+
 def save_plot(fig: Any, name: str) -> Path:
     """Write a matplotlib figure as `docs/img/<name>.png` (what docs/benchmarks.md shows) and close it."""
     import matplotlib.pyplot as plt
@@ -145,3 +151,197 @@ def figure(title: str, xlabel: str, ylabel: str) -> tuple[Any, Any]:
     ax.set_ylabel(ylabel)
     ax.grid(True, alpha=0.3)
     return fig, ax
+
+
+def ratios(
+    measured: dict[str, float], baseline: dict[str, float], qs: tuple[str, ...] = ("p50", "p90", "p99")
+) -> dict[str, float]:
+    """`measured[q] / baseline[q]` for each percentile `q` (what the engine costs over the same work without it)."""
+    return {q: measured[q] / baseline[q] if baseline[q] > 0 else float("inf") for q in qs}
+
+
+FIGURES = ("p50", "p90", "p99", "max", "mean")
+
+
+def print_table(title: str, rows: list[tuple[str, dict[str, float]]], figures: tuple[str, ...] = FIGURES,
+                unit: str = "ms") -> None:
+    """A readable table: one row per measure (label, summary), one column per figure."""
+    print(f"\n{title}; {unit}")
+    print(f"  {'measure':<44} {'n':>4} " + " ".join(f"{f:>8}" for f in figures))
+    for label, s in rows:
+        print(f"  {label:<44} {int(s['n']):>4} " + " ".join(f"{s[f]:8.1f}" for f in figures))
+
+
+def started_on() -> dict[str, Any]:
+    """What a run records at its start: the time and the load average (the end's is in `machine()`)."""
+    from datetime import UTC, datetime
+
+    return {"started_at": datetime.now(UTC).isoformat(timespec="seconds"), "load_avg_at_start": os.getloadavg()}
+
+
+def cdf_plot(name: str, title: str, series: dict[str, list[float]], xlabel: str = "milliseconds",
+             log_x: bool = False, styles: dict[str, dict[str, Any]] | None = None,
+             marks: dict[str, float] | None = None) -> Path:
+    """One empirical CDF line per series (label -> samples), saved as `docs/img/<name>.png`; `styles` gives a
+    series matplotlib line options (e.g. `{"color": "C0", "linestyle": "--"}` for a baseline beside its run);
+    `marks` draws a labelled vertical line at each value (targets)."""
+    fig, ax = figure(title, xlabel, "fraction of samples at or below")
+    for label, values in series.items():
+        if not values:
+            continue
+        ordered = sorted(values)
+        ys = [(i + 1) / len(ordered) for i in range(len(ordered))]
+        ax.step([ordered[0], *ordered], [0.0, *ys], where="post", label=f"{label} (n={len(ordered)})",
+                **(styles or {}).get(label, {}))
+    for n, (label, x) in enumerate((marks or {}).items()):
+        ax.axvline(x, color="grey", linestyle=(0, (1, 1 + n)), linewidth=1, label=label)
+    if log_x:
+        ax.set_xscale("log")
+    ax.set_ylim(0, 1.02)
+    fig.set_size_inches(10, 4)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)  # beside the plot: no line hidden
+    return save_plot(fig, name)
+
+
+# ---- what a benchmark leaves behind ----------------------------------------------------------------------------
+
+
+async def leftovers(settings: Any, rooms: set[str]) -> dict[str, list[str]]:
+    """Of `rooms` (room names a benchmark used), those still on LiveKit, and the emulator's avatar sessions in them
+    that are still active (GET /_control/sessions: the benchmarks run on the emulator). Both must be empty."""
+    import httpx
+    from livekit import api
+
+    async with api.LiveKitAPI(settings.livekit_http_url, settings.livekit_api_key,
+                              settings.livekit_api_secret.get_secret_value()) as lk:
+        listed = await lk.room.list_rooms(api.ListRoomsRequest())
+    async with httpx.AsyncClient(base_url=settings.liveavatar_api_url, timeout=10, trust_env=False) as http:
+        response = await http.get("/_control/sessions")
+        response.raise_for_status()
+        avatars = response.json()["data"]["sessions"]
+    return {
+        "rooms": sorted(r.name for r in listed.rooms if r.name in rooms),
+        "avatars": sorted(a["id"] for a in avatars if a["livekit_room"] in rooms and a["state"] == "active"),
+    }
+
+
+def print_leftovers(left: dict[str, list[str]], what: str) -> None:
+    print(f"\nleft behind ({what}): {len(left['rooms'])} rooms on LiveKit"
+          f"{': ' + ', '.join(left['rooms']) if left['rooms'] else ''}, {len(left['avatars'])} active avatar sessions "
+          f"on the emulator{': ' + ', '.join(left['avatars']) if left['avatars'] else ''}")
+
+
+# ---- a real participant watching for video ---------------------------------------------------------------------
+
+
+class VideoWatch:
+    """What a real rtc participant sees of the others' video: per remote identity, when (time.monotonic()) its
+    first video track was subscribed and when its first frame arrived. Attach before connecting."""
+
+    def __init__(self, room: Any) -> None:
+        from livekit import rtc
+
+        self._rtc = rtc
+        self.room = room
+        self.subscribed: dict[str, float] = {}
+        self.first_frame: dict[str, float] = {}
+        self._changed = asyncio.Event()
+        self._readers: set[asyncio.Task[None]] = set()
+        room.on("track_subscribed", self._on_subscribed)
+
+    def _on_subscribed(self, track: Any, _publication: Any, participant: Any) -> None:
+        if track.kind != self._rtc.TrackKind.KIND_VIDEO or participant.identity in self.subscribed:
+            return
+        self.subscribed[participant.identity] = time.monotonic()
+        self._changed.set()
+        task = asyncio.create_task(self._first_frame(track, participant.identity))
+        self._readers.add(task)
+        task.add_done_callback(self._readers.discard)
+
+    async def _first_frame(self, track: Any, identity: str) -> None:
+        stream = self._rtc.VideoStream(track)
+        try:
+            async for _ in stream:
+                self.first_frame[identity] = time.monotonic()
+                self._changed.set()
+                break
+        finally:
+            await stream.aclose()
+
+    async def until(self, seen: Callable[[], Any]) -> Any:
+        """Wait until `seen()` returns something (a benchmark measures: the caller bounds the wait)."""
+        while True:
+            self._changed.clear()
+            found = seen()
+            if found:
+                return found
+            await self._changed.wait()
+
+    async def video_from(self, prefix: str, *, frame: bool = False, not_before: float = 0.0) -> tuple[str, float]:
+        """The first identity starting with `prefix` whose video was subscribed (or, with `frame`, whose first
+        frame came) at or after `not_before`, and when."""
+        times = self.first_frame if frame else self.subscribed
+
+        def seen() -> tuple[str, float] | None:
+            hits = [(t, i) for i, t in times.items() if i.startswith(prefix) and t >= not_before]
+            return (min(hits)[1], min(hits)[0]) if hits else None
+
+        result: tuple[str, float] = await self.until(seen)
+        return result
+
+    async def close(self) -> None:
+        for task in list(self._readers):
+            task.cancel()
+        await asyncio.gather(*self._readers, return_exceptions=True)
+
+
+@contextlib.asynccontextmanager
+async def watching_participant(url: str, token: str) -> AsyncIterator[VideoWatch]:
+    """A real participant that publishes nothing and watches the others' video (see `VideoWatch`); always leaves."""
+    from livekit import rtc
+
+    from activities.rtc_connect import connect_shielded
+
+    room = rtc.Room()
+    watch = VideoWatch(room)
+    await connect_shielded(room, url, token, rtc.RoomOptions(auto_subscribe=True))
+    try:
+        # Tracks already subscribed before the handler saw them (published before we connected).
+        for participant in room.remote_participants.values():
+            for publication in participant.track_publications.values():
+                if publication.track is not None and publication.subscribed:
+                    watch._on_subscribed(publication.track, publication, participant)
+        yield watch
+    finally:
+        await watch.close()
+        await room.disconnect()
+
+
+def quiet_sdk_logs() -> None:
+    """Only errors that matter on the console: the rtc SDK logs an error for every participant whose room is deleted
+    under it (what ending a session with someone in it does), and the worker logs the keep-alive failing as the
+    avatar is stopped. A benchmark counts its failures itself."""
+    import logging
+
+    logging.getLogger("livekit").setLevel(logging.CRITICAL)
+    logging.getLogger("temporalio.activity").setLevel(logging.ERROR)
+
+
+async def end_sessions(sessions: Any, session_ids: list[str], failures: list[str], attempts: int = 3) -> None:
+    """End each session (ten at a time), retrying an attempt that failed (an overloaded machine can time a workflow
+    task out); one already ended or never started counts as ended. What still fails goes into `failures`."""
+    from starters.client import SessionEnded, SessionNotFound
+
+    async def end(session_id: str) -> None:
+        for attempt in range(1, attempts + 1):
+            try:
+                await sessions.end(session_id, "bench cleanup")
+                return
+            except (SessionEnded, SessionNotFound):
+                return
+            except Exception as e:
+                if attempt == attempts:
+                    failures.append(f"cleanup: could not end {session_id}: {e!r}")
+
+    for i in range(0, len(session_ids), 10):
+        await asyncio.gather(*(end(sid) for sid in session_ids[i:i + 10]))
