@@ -448,9 +448,9 @@ class RoomMonitor:
 
     async def _emit(self, kind: RoomEventKind, identity: str | None, key: str, **fields: Any) -> None:
         """Tell the session, then heartbeat at once: the snapshot says it was told."""
+        fields.setdefault("at", datetime.now(UTC))  # when it happened: now, unless the caller knows better
         event = RoomEvent(
-            event_id=f"mon:{key}"[:128], kind=kind, identity=identity, source=RoomEventSource.MONITOR,
-            at=datetime.now(UTC), **fields,
+            event_id=f"mon:{key}"[:128], kind=kind, identity=identity, source=RoomEventSource.MONITOR, **fields
         )
         await self._signal(event)
         self._beat()

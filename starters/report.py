@@ -307,6 +307,7 @@ class SessionRow:
     kind: str | None
     status: str | None
     started_at: datetime | None
+    end_reason: str | None = None  # `SessionEndReason` (None while running, or a session that predates it)
 
 
 async def find_sessions(client: Client, which: SessionFilter) -> list[SessionRow]:
@@ -315,7 +316,10 @@ async def find_sessions(client: Client, which: SessionFilter) -> list[SessionRow
     async for execution in client.list_workflows(which.query(), limit=which.limit):
         attributes = execution.typed_search_attributes
         session_id = attributes.get(SESSION_ID) or execution.id.removeprefix(ROOM_PREFIX)
-        rows.append(SessionRow(session_id, attributes.get(SESSION_KIND), attributes.get(SESSION_STATUS), execution.start_time))
+        rows.append(SessionRow(
+            session_id, attributes.get(SESSION_KIND), attributes.get(SESSION_STATUS), execution.start_time,
+            attributes.get(SESSION_END_REASON),
+        ))
     return rows
 
 
@@ -323,8 +327,8 @@ def render_sessions(rows: Sequence[SessionRow]) -> str:
     if not rows:
         return "no sessions match"
     return table(
-        ("SESSION", "KIND", "STATUS", "STARTED (UTC)"),
-        [(r.session_id, r.kind or "?", r.status or "?", _time(r.started_at)) for r in rows],
+        ("SESSION", "KIND", "STATUS", "END REASON", "STARTED (UTC)"),
+        [(r.session_id, r.kind or "?", r.status or "?", r.end_reason or "-", _time(r.started_at)) for r in rows],
     )
 
 

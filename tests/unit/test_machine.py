@@ -1576,8 +1576,9 @@ def external_step(world: World, data: st.DataObject) -> None:
             world.room_closed()
         case "avatar_broken":  # the room monitor: an avatar's video froze or its sound stopped
             who = data.draw(st.sampled_from([identity(1), identity(2), identity(3)]), label="avatar")
-            kind = data.draw(st.sampled_from([AvatarFrozen, AvatarSilent]), label="broken")
-            world.apply(kind(who, "seen by the monitor", f"broken-{uuid.uuid4().hex[:8]}"))
+            event_id = f"broken-{uuid.uuid4().hex[:8]}"
+            frozen = data.draw(st.booleans(), label="frozen")
+            world.apply(AvatarFrozen(who, "no frame", event_id) if frozen else AvatarSilent(who, "no audio", event_id))
         case "first_frame":  # the room monitor: an avatar's first frame, its time drawn around now
             who = data.draw(st.sampled_from([identity(1), identity(2), identity(3)]), label="avatar")
             skew = timedelta(seconds=data.draw(st.integers(-120, 5), label="frame_skew_s"))
