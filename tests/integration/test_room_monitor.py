@@ -258,7 +258,7 @@ async def test_a_silent_avatar_is_seen_by_the_monitor_and_replaced(
 ) -> None:
     """`mute`: its audio track stays published but no packet reaches the room; `unpublish`: no audio track."""
     spec = interview(
-        avatar={"avatar_id": DEFAULT_AVATAR_ID, "replace_backoff": "PT1S"}, quality={"avatar_silent_after": "PT3S"}
+        avatar={"avatar_id": DEFAULT_AVATAR_ID, "replace_backoff": "PT1S"}, quality={"avatar_silent_after": "PT4S"}
     )
     grant = await monitored.join(spec, "cand")
     async with join_room(grant.url, grant.token, publish_media=True):
@@ -296,7 +296,10 @@ async def test_a_silent_avatar_is_seen_by_the_monitor_and_replaced(
     rooms = await livekit.room.list_rooms(api.ListRoomsRequest(names=[spec.room_name]))
     assert not rooms.rooms
     handoff = outcome.handoff
-    assert len(handoff.avatar_first_frame_s) == 2 and len(handoff.avatar_replacement_s) == 1
+    # One first frame per avatar that showed one; each replacement repaired one loss. (On a loaded machine a
+    # replacement may itself be replaced: these count, they are not fixed.)
+    assert len(handoff.avatar_first_frame_s) >= 2 and len(handoff.avatar_first_frame_s) <= len(outcome.avatar_billing)
+    assert 1 <= len(handoff.avatar_replacement_s) < len(handoff.avatar_first_frame_s)
     # Replacement: from the loss, so at least the backoff (1 s); and it ends with the replacement's first frame.
     assert handoff.avatar_replacement_s[0] >= 1.0
     print(f"silent avatar ({mode}): first frames after {handoff.avatar_first_frame_s} s, "
