@@ -5,7 +5,8 @@ One long-running activity per session, on the media task queue (`sessionflow wor
 `monitor-<session>` (hidden, agent kind, subscribe only: a retried monitor replaces a leftover one) and
 follows who is in the room, what they publish, their connection quality, and the avatar's video frames. It
 signals the session only on changes (joined, left, track published or unpublished, a quality level that
-outlasted the debounce window, the avatar's video frozen, the room lost, who is really there after a gap)
+outlasted the debounce window, the avatar's video frozen or its audio silent, an avatar's first video frame, the
+room lost, who is really there after a gap)
 and heartbeats a compact snapshot of what it has told the session, so a retried attempt on another worker
 resumes from it: it tells the session only what changed meanwhile, never the same thing twice.
 
@@ -42,6 +43,9 @@ from workflows.models import (
 
 TICK_S = 0.25  # how often debounce windows, frozen video and the heartbeat are looked at
 STATS_EVERY_S = 5.0  # RTC stats (RTT, jitter, loss) are sampled this often, never signalled on their own
+# The avatar's inbound audio packets are counted this often. A quiet avatar still sends some (Opus DTX: about 5 a
+# second measured through LiveKit), a muted or stalled track none, so a window of seconds tells them apart.
+AUDIO_EVERY_S = 1.0
 ROOM_POLL_S = 1.0  # while the room is missing or LiveKit is down
 TOKEN_TTL = timedelta(minutes=15)  # LiveKit refreshes a connected participant's token; a reconnect mints anew
 MONITOR_PREFIX = "monitor-"
@@ -73,6 +77,8 @@ class Snapshot(BaseModel):
     peers: dict[str, Peer] = Field(default_factory=dict)
     lost_reported: bool = False  # ROOM_LOST sent for room_sid
     frozen_reported: list[str] = Field(default_factory=list)  # avatar video track sids reported frozen
+    silent_reported: list[str] = Field(default_factory=list)  # avatar identities reported silent
+    first_frames: list[str] = Field(default_factory=list)  # avatar video track sids whose first frame was reported
     rtt_ms: float | None = None  # the monitor's own link to LiveKit
 
 
@@ -101,6 +107,8 @@ class RoomMonitor:
         self._stats_at = 0.0
         self._ticked = 0.0
         self._counters: dict[str, tuple[int, int]] = {}  # identity -> packets received, lost (last stats sample)
+        self._heard: dict[str, tuple[int, float]] = {}  # avatar identity -> audio packets, when they last grew
+        self._audio_at = 0.0
         self._reconnecting = False  # our own connection is being resumed: is the room still there?
         self._probed = 0.0
 
@@ -163,6 +171,7 @@ class RoomMonitor:
             task.cancel()
         self._watchers.clear()
         self._frames.clear()
+        self._heard.clear()
         with contextlib.suppress(Exception):
             await asyncio.shield(room.disconnect())
 
@@ -243,7 +252,13 @@ class RoomMonitor:
             case "subscribed":
                 track, publication, participant = item
                 if self._is_avatar(participant.identity) and publication.kind == rtc.TrackKind.KIND_VIDEO:
-                    self._watch_frames(track, publication.sid)
+                    self._watch_frames(track, publication.sid, participant.identity)
+            case "first_frame":
+                identity, track_sid, at = item
+                if track_sid not in self.snapshot.first_frames and identity in self.snapshot.peers:
+                    self.snapshot.first_frames.append(track_sid)
+                    await self._emit(RoomEventKind.AVATAR_FIRST_FRAME, identity, f"first-frame:{track_sid}", at=at,
+                                     track_sid=track_sid, track_kind="video")
             case "quality":
                 participant, quality = item
                 self._quality(participant, quality)
@@ -261,6 +276,9 @@ class RoomMonitor:
     async def _left(self, identity: str, sid: str) -> None:
         self.snapshot.peers.pop(identity, None)
         self._pending.pop(identity, None)
+        self._heard.pop(identity, None)
+        if identity in self.snapshot.silent_reported:
+            self.snapshot.silent_reported.remove(identity)
         await self._emit(RoomEventKind.PARTICIPANT_LEFT, identity, f"left:{sid}", sid=sid)
 
     async def _published(self, participant: rtc.RemoteParticipant, publication: rtc.RemoteTrackPublication) -> None:
@@ -284,10 +302,12 @@ class RoomMonitor:
                          track_kind=kind)
 
     def _wanted(self, identity: str, publication: rtc.RemoteTrackPublication) -> bool:
-        """Subscribe only to what is watched: the avatar's video (frames) and each person's audio (LiveKit sends
-        a participant's quality only to those subscribed to one of their tracks)."""
+        """Subscribe only to what is watched: the avatar's video (frames) and, if its silence is watched, its audio
+        (packets, never decoded); each person's audio (LiveKit sends a participant's quality only to those subscribed
+        to one of their tracks)."""
         if self._is_avatar(identity):
-            return publication.kind == rtc.TrackKind.KIND_VIDEO
+            audio = self._inp.avatar_silent_after_s is not None and publication.kind == rtc.TrackKind.KIND_AUDIO
+            return publication.kind == rtc.TrackKind.KIND_VIDEO or audio
         return publication.kind == rtc.TrackKind.KIND_AUDIO
 
     def _is_avatar(self, identity: str) -> bool:
@@ -324,17 +344,25 @@ class RoomMonitor:
             await self._emit(RoomEventKind.QUALITY_CHANGED, identity, f"quality:{peer.sid}:{level.value}:{time.time_ns()}",
                              quality=level, detail=self._describe_link(peer))
         await self._check_frames(now)
+        if self._inp.avatar_silent_after_s is not None and not self._reconnecting and now - self._audio_at >= AUDIO_EVERY_S:
+            self._audio_at = now
+            await self._check_audio(room, now, self._inp.avatar_silent_after_s)
         self._beat()
         return False
 
-    def _watch_frames(self, track: rtc.Track, track_sid: str) -> None:
+    def _watch_frames(self, track: rtc.Track, track_sid: str, identity: str) -> None:
         self._frames[track_sid] = time.monotonic()
+        first = self._inp.avatar_first_frame and track_sid not in self.snapshot.first_frames
 
         async def watch() -> None:
+            nonlocal first
             stream = rtc.VideoStream(track)
             try:
                 async for _ in stream:
                     self._frames[track_sid] = time.monotonic()
+                    if first:  # told from the loop (`_on`), with the time it came
+                        first = False
+                        self._events.put_nowait(("first_frame", (identity, track_sid, datetime.now(UTC))))
             finally:
                 await stream.aclose()
 
@@ -353,6 +381,36 @@ class RoomMonitor:
                                  detail=f"no video frame for {now - last:.0f} s")
             elif not frozen and reported:
                 self.snapshot.frozen_reported.remove(track_sid)
+
+    async def _check_audio(self, room: rtc.Room, now: float, silent_after_s: float) -> None:
+        """Each avatar's audio: silent once its track carried no packet (stalled, or muted: LiveKit forwards
+        nothing then), or no audio track was published, for `silent_after_s`; heard again once packets flow."""
+        for identity in [i for i in self.snapshot.peers if self._is_avatar(i)]:
+            participant = next((p for p in room.remote_participants.values() if p.identity == identity), None)
+            if participant is None:
+                continue
+            audio = next((p for p in participant.track_publications.values() if p.kind == rtc.TrackKind.KIND_AUDIO), None)
+            packets = -1
+            if audio is not None and audio.track is not None:
+                with contextlib.suppress(Exception):
+                    for s in await audio.track.get_stats():
+                        if s.WhichOneof("stats") == "inbound_rtp":
+                            packets = s.inbound_rtp.received.packets_received
+            before, since = self._heard.get(identity, (-1, now))
+            flowing = packets > before and (before >= 0 or identity not in self._heard)
+            self._heard[identity] = (max(packets, before), now if flowing or identity not in self._heard else since)
+            quiet_for = now - self._heard[identity][1]
+            reported = identity in self.snapshot.silent_reported
+            if flowing and reported:
+                self.snapshot.silent_reported.remove(identity)
+            elif quiet_for >= silent_after_s and not reported:
+                self.snapshot.silent_reported.append(identity)
+                if audio is None:
+                    why = "no audio track published"
+                else:
+                    why = "its audio track carried no packets" + (" (muted)" if audio.muted else "")
+                await self._emit(RoomEventKind.AVATAR_SILENT, identity, f"silent:{identity}:{time.time_ns()}",
+                                 detail=f"{why} for {quiet_for:.0f} s")
 
     async def _sample_stats(self, room: rtc.Room) -> None:
         """RTT of the monitor's link, and per watched participant the jitter and loss of the track we receive."""
@@ -390,9 +448,9 @@ class RoomMonitor:
 
     async def _emit(self, kind: RoomEventKind, identity: str | None, key: str, **fields: Any) -> None:
         """Tell the session, then heartbeat at once: the snapshot says it was told."""
+        fields.setdefault("at", datetime.now(UTC))  # when it happened: now, unless the caller knows better
         event = RoomEvent(
-            event_id=f"mon:{key}"[:128], kind=kind, identity=identity, source=RoomEventSource.MONITOR,
-            at=datetime.now(UTC), **fields,
+            event_id=f"mon:{key}"[:128], kind=kind, identity=identity, source=RoomEventSource.MONITOR, **fields
         )
         await self._signal(event)
         self._beat()

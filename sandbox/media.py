@@ -110,6 +110,32 @@ class SyntheticMedia:
         if self._tasks:
             self._tasks[0].cancel()
 
+    def quiet_audio(self) -> None:
+        """Stop producing sound; the track stays published and unmuted. The SDK's source then sends silence, which
+        the encoder squeezes to a few packets a second (Opus DTX): what a listening avatar sounds like."""
+        if len(self._tasks) > 1:
+            self._tasks[1].cancel()
+
+    def mute_audio(self) -> None:
+        """Mute the audio track (it stays published): LiveKit forwards no packet of it any more, a stalled stream."""
+        audio = self._audio_publication()
+        if audio is not None and audio.track is not None:
+            audio.track.mute()
+
+    async def unpublish_audio(self) -> None:
+        """Take the audio track out of the room; the participant and its video stay."""
+        audio = self._audio_publication()
+        if audio is None or self._room is None:
+            return
+        if len(self._tasks) > 1:
+            self._tasks[1].cancel()
+        self._publications.remove(audio)
+        async with asyncio.timeout(UNPUBLISH_TIMEOUT_S):
+            await self._room.local_participant.unpublish_track(audio.sid)
+
+    def _audio_publication(self) -> rtc.LocalTrackPublication | None:
+        return next((p for p in self._publications if p.kind == rtc.TrackKind.KIND_AUDIO), None)
+
     @contextlib.asynccontextmanager
     async def publish(self, room: rtc.Room) -> AsyncIterator[SyntheticMedia]:
         """``start(room)`` on entry, ``stop()`` on exit."""

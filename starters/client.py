@@ -125,6 +125,11 @@ NOT_READY_RETRY = timedelta(seconds=10)
 
 # The longest pause between two attempts of a retried request.
 MAX_RETRY_BACKOFF = timedelta(seconds=1)
+# How long a client trusts its list of sessions running under their pre-deployment names (`session-<id>`, no
+# `Deployment` search attribute). A join consults the list instead of asking Temporal about each session id, so
+# the normal join (no such session) costs no extra round trip; the list is read again at most this often.
+OLDER_NAMED_REFRESH = timedelta(seconds=30)
+OLDER_NAMED_QUERY = "WorkflowType = 'SessionWorkflow' AND ExecutionStatus = 'Running' AND Deployment IS NULL"
 # What Temporal answers while one of its services is down or restarting: the frontend is unreachable (UNAVAILABLE,
 # "tcp connect error"), or it cannot reach a history or matching host in time (UNAVAILABLE, DEADLINE_EXCEEDED),
 # or its own limiter sheds load for a moment (RESOURCE_EXHAUSTED). The SDK gives each call about 10 s of its own
@@ -217,6 +222,8 @@ class SessionClient:
         self.task_queue = task_queue or settings.task_queue
         # Sessions found running under their pre-deployment id `session-<id>` (started by an older version).
         self._older_named: set[str] = set()
+        self._older_named_running: set[str] = set()  # workflow ids, as visibility last listed them
+        self._older_named_read_at: float | None = None  # loop time of that listing
 
     @classmethod
     async def connect(
@@ -255,6 +262,23 @@ class SessionClient:
         self._older_named.add(session_id)
         return True
 
+    async def _running_under_older_name(self, session_id: str) -> bool:
+        """Whether `session_id` runs under its pre-deployment name, from a listing of every such session read at
+        most every OLDER_NAMED_REFRESH (one visibility call then, none in between); a session found once stays
+        found. Only versions before deployments start such sessions, so the list only shrinks once they are gone."""
+        if session_id in self._older_named:
+            return True
+        loop = asyncio.get_running_loop()
+        read_at = self._older_named_read_at
+        if read_at is None or loop.time() - read_at >= OLDER_NAMED_REFRESH.total_seconds():
+            # Through `_call`: Temporal away or restarting gets the same retries and errors as the join itself.
+            running = await self._call(session_id, self._list_older_named)
+            self._older_named_running, self._older_named_read_at = running, loop.time()
+        return workflow_id_for(session_id) in self._older_named_running
+
+    async def _list_older_named(self) -> set[str]:
+        return {execution.id async for execution in self.client.list_workflows(OLDER_NAMED_QUERY)}
+
     def _in_deployment(self, spec: SessionSpec) -> SessionSpec:
         """`spec` carrying this client's deployment, which names its workflow and room; another is refused."""
         if spec.deployment is None:
@@ -272,8 +296,19 @@ class SessionClient:
         One call, idempotent per session: the first creates the workflow (update-with-start), later ones join
         the running session. A session that has ended never restarts under the same id.
         """
+        given = check_spec(spec)
+        if given.deployment is None and await self._running_under_older_name(given.session_id):
+            # Started by a version before deployments: join that session (its spec has no deployment), never
+            # start a second one under this deployment's name.
+            self._older_named.add(given.session_id)
+            older = check_join(given, identity)
+            update_id = _update_id("join")
+            return await self._call(
+                given.session_id,
+                lambda: self.handle(given.session_id).execute_update(SessionWorkflow.join, older, id=update_id),
+            )
         # The spec as it runs (with this client's deployment): a join carries it, so a changed one is refused.
-        spec = self._in_deployment(check_spec(spec))
+        spec = self._in_deployment(given)
         request = check_join(spec, identity)
         update_id = _update_id("join")
         return await self._call(

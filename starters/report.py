@@ -154,7 +154,8 @@ def render_session(report: SessionReport) -> str:
 
 
 def render_handoff(handoff: Handoff) -> str:
-    """Per participant: grant to in the room, reconnects, time at each quality level; avatars; room recoveries."""
+    """Per participant: grant to in the room, reconnects, time at each quality level; avatars (in the room, first
+    frame, replacement time); room recoveries."""
     lines = []
     for who, p in handoff.participants.items():
         connect = f"{p.connect_s:.2f} s" if p.connect_s is not None else "not measured"
@@ -162,6 +163,11 @@ def render_handoff(handoff: Handoff) -> str:
         lines.append(f"  {who}: connected in {connect}, {p.reconnects} reconnect(s); quality: {quality}")
     if handoff.avatar_join_s:
         lines.append("  avatar in the room after: " + ", ".join(f"{s:.2f} s" for s in handoff.avatar_join_s))
+    if handoff.avatar_first_frame_s:
+        lines.append("  avatar first frame after: " + ", ".join(f"{s:.2f} s" for s in handoff.avatar_first_frame_s))
+    if handoff.avatar_replacement_s:
+        lines.append("  avatar replaced in: " + ", ".join(f"{s:.2f} s" for s in handoff.avatar_replacement_s)
+                     + " (lost to the replacement's first frame)")
     if handoff.room_recovery_s:
         lines.append("  room re-created after: " + ", ".join(f"{s:.2f} s" for s in handoff.room_recovery_s))
     return "\n".join(lines) or "  nobody connected"
@@ -301,6 +307,7 @@ class SessionRow:
     kind: str | None
     status: str | None
     started_at: datetime | None
+    end_reason: str | None = None  # `SessionEndReason` (None while running, or a session that predates it)
 
 
 async def find_sessions(client: Client, which: SessionFilter) -> list[SessionRow]:
@@ -309,7 +316,10 @@ async def find_sessions(client: Client, which: SessionFilter) -> list[SessionRow
     async for execution in client.list_workflows(which.query(), limit=which.limit):
         attributes = execution.typed_search_attributes
         session_id = attributes.get(SESSION_ID) or execution.id.removeprefix(ROOM_PREFIX)
-        rows.append(SessionRow(session_id, attributes.get(SESSION_KIND), attributes.get(SESSION_STATUS), execution.start_time))
+        rows.append(SessionRow(
+            session_id, attributes.get(SESSION_KIND), attributes.get(SESSION_STATUS), execution.start_time,
+            attributes.get(SESSION_END_REASON),
+        ))
     return rows
 
 
@@ -317,8 +327,8 @@ def render_sessions(rows: Sequence[SessionRow]) -> str:
     if not rows:
         return "no sessions match"
     return table(
-        ("SESSION", "KIND", "STATUS", "STARTED (UTC)"),
-        [(r.session_id, r.kind or "?", r.status or "?", _time(r.started_at)) for r in rows],
+        ("SESSION", "KIND", "STATUS", "END REASON", "STARTED (UTC)"),
+        [(r.session_id, r.kind or "?", r.status or "?", r.end_reason or "-", _time(r.started_at)) for r in rows],
     )
 
 

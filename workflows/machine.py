@@ -247,6 +247,24 @@ class AvatarFrozen:
 
 
 @dataclass(frozen=True)
+class AvatarSilent:
+    """The avatar's audio carried no packets, or it published none, for the policy's `avatar_silent_after`."""
+
+    identity: str
+    detail: str
+    event_id: str | None = None
+
+
+@dataclass(frozen=True)
+class AvatarFirstFrame:
+    """The first video frame of the avatar `identity` reached the room at `at` (seen by the monitor)."""
+
+    identity: str
+    at: datetime | None = None
+    event_id: str | None = None
+
+
+@dataclass(frozen=True)
 class RoomLost:
     """The room vanished without a webhook (a LiveKit node restarted): the monitor found it missing."""
 
@@ -298,6 +316,8 @@ Event = (
     | TrackUnpublished
     | QualityChanged
     | AvatarFrozen
+    | AvatarSilent
+    | AvatarFirstFrame
     | RoomLost
     | PresenceObserved
     | MonitorStopped
@@ -591,6 +611,8 @@ class RoomWatch:
     """What the room monitor tells the session beyond presence: tracks, quality, a vanished room."""
 
     enabled: bool = False  # this session runs a monitor (the shell turns it on: `workflow.patched`)
+    # The monitor also watches the avatar's audio and reports its first frames (the shell: `workflow.patched`).
+    avatar_media: bool = False
     running: bool = False
     tracks: dict[str, dict[str, str]] = field(default_factory=dict)  # identity -> track sid -> kind
     quality: dict[str, ConnectionLevel] = field(default_factory=dict)
@@ -618,6 +640,11 @@ class HandoffClock:
     avatar_asked: dict[str, datetime] = field(default_factory=dict)  # avatar identity -> create asked for
     avatar_join_s: list[float] = field(default_factory=list)
     room_recovery_s: list[float] = field(default_factory=list)
+    framed_asked: dict[str, datetime] = field(default_factory=dict)  # avatar identity -> asked for, no frame yet
+    avatar_first_frame_s: list[float] = field(default_factory=list)
+    avatar_lost_at: datetime | None = None  # the serving avatar was lost then; no replacement has shown a frame
+    replacing: dict[str, datetime] = field(default_factory=dict)  # replacement avatar identity -> the loss it repairs
+    avatar_replacement_s: list[float] = field(default_factory=list)
     last_now: datetime | None = None
 
     def add_level_time(self, identity: str, until: datetime) -> None:
@@ -640,7 +667,8 @@ class HandoffClock:
                 quality_s={k: round(v, 1) for k, v in spent.items()},
             )
         return Handoff(participants=participants, avatar_join_s=list(self.avatar_join_s),
-                       room_recovery_s=list(self.room_recovery_s))
+                       room_recovery_s=list(self.room_recovery_s), avatar_first_frame_s=list(self.avatar_first_frame_s),
+                       avatar_replacement_s=list(self.avatar_replacement_s))
 
 
 @dataclass(frozen=True)
@@ -897,8 +925,8 @@ class SessionMachine:
             case Consent() | RecordingBegan() | RecordingStartFailed() | RecordingStopped() | RecordingStopFailed():
                 return self._on_recording_event(event, now)
             case (
-                TrackPublished() | TrackUnpublished() | QualityChanged() | AvatarFrozen() | RoomLost()
-                | PresenceObserved() | MonitorStopped()
+                TrackPublished() | TrackUnpublished() | QualityChanged() | AvatarFrozen() | AvatarSilent()
+                | AvatarFirstFrame() | RoomLost() | PresenceObserved() | MonitorStopped()
             ):
                 return self._on_monitor_event(event, now)
         raise UnexpectedEvent(f"unknown event {event!r}")
@@ -1045,6 +1073,9 @@ class SessionMachine:
         self.avatar.starts += 1
         identity = avatar_identity_for(self.spec.session_id, self.avatar.starts)
         self.clock.avatar_asked[identity] = now
+        self.clock.framed_asked[identity] = now
+        if self.clock.avatar_lost_at is not None and not self.avatar.rotating_from:
+            self.clock.replacing[identity] = self.clock.avatar_lost_at  # it repairs that loss
         self.avatar.creating = identity
         return [
             CreateAvatarSession(
@@ -1156,6 +1187,7 @@ class SessionMachine:
         plan.present = False
         plan.rotate_at = None
         plan.problem = detail
+        self.clock.avatar_lost_at = self.clock.avatar_lost_at or now  # a failed replacement repairs the same loss
         if plan.replacements < spec.max_replacements:
             plan.retry_at = now + spec.replace_backoff * (2**plan.replacements)
         elif spec.when_lost is WhenLost.END:
@@ -1302,6 +1334,10 @@ class SessionMachine:
         """This session runs a room monitor once its room is live (the shell calls this behind a patch)."""
         self.room_watch.enabled = True
 
+    def enable_avatar_media_watch(self) -> None:
+        """Its monitor also watches the avatar's audio (silent) and reports first frames (behind a patch)."""
+        self.room_watch.avatar_media = True
+
     def _start_monitor(self) -> list[Command]:
         watch, spec = self.room_watch, self.spec
         if not watch.enabled or watch.running or self.ending:
@@ -1317,6 +1353,8 @@ class SessionMachine:
                     avatar_identity_prefix=avatar_identity_prefix(spec.session_id),
                     quality_sustain_s=policy.sustain.total_seconds(),
                     avatar_frozen_after_s=policy.avatar_frozen_after.total_seconds(),
+                    avatar_silent_after_s=policy.avatar_silent_after.total_seconds() if watch.avatar_media else None,
+                    avatar_first_frame=watch.avatar_media,
                 )
             )
         ]
@@ -1374,15 +1412,43 @@ class SessionMachine:
             case QualityChanged(identity, quality, detail):
                 return self._on_quality(identity, quality, detail, now)
             case AvatarFrozen(identity, detail):
-                current = self.avatar.current
-                if self.ending or current is None or self.avatars[current].identity != identity:
-                    return []
-                return self._on_current_lost(current, f"the avatar's video froze: {detail}", now)
+                return self._on_serving_avatar_broken(identity, f"the avatar's video froze: {detail}", now)
+            case AvatarSilent(identity, detail):
+                return self._on_serving_avatar_broken(identity, f"the avatar went silent: {detail}", now)
+            case AvatarFirstFrame(identity, at):
+                self._clock_first_frame(identity, at, now)
+                return []
             case RoomLost(detail):
                 return self._on_room_lost(detail, now)
             case PresenceObserved(identities, at):
                 return self._on_presence(set(identities), at, now)
         raise UnexpectedEvent(f"not a monitor event: {event!r}")
+
+    def _on_serving_avatar_broken(self, identity: str, detail: str, now: datetime) -> list[Command]:
+        """The serving avatar is in the room but useless (frozen video, no sound): it is lost like any other.
+        News about another avatar (an outgoing one, a replaced one) changes nothing."""
+        current = self.avatar.current
+        if self.ending or current is None or self.avatars[current].identity != identity:
+            return []
+        return self._on_current_lost(current, detail, now)
+
+    def _clock_first_frame(self, identity: str, at: datetime | None, now: datetime) -> None:
+        """An avatar's first frame in the room: the time since it was asked for, and for a replacement the time
+        since the loss it repairs. `at` is when the monitor saw the frame (the signal's delivery is not counted),
+        bounded by what the session knows: not before it was asked for, not after now."""
+        clock = self.clock
+        asked = clock.framed_asked.pop(identity, None)
+        if asked is None:
+            return  # told before (a retried monitor), or not an avatar this session asked for
+        seen = min(max(at or now, asked), now)
+        clock.avatar_first_frame_s.append(round((seen - asked).total_seconds(), 3))
+        lost_at = clock.replacing.pop(identity, None)
+        if lost_at is not None:
+            took = (seen - lost_at).total_seconds()
+            clock.avatar_replacement_s.append(round(took, 3))
+            clock.avatar_lost_at = None
+            clock.replacing.clear()  # any other replacement of that loss no longer repairs it
+            self.recoveries.append(f"avatar replaced: {identity}'s first frame {took:.1f} s after the loss")
 
     def _clock_joined(self, identity: str, now: datetime) -> None:
         """Connection metrics: a person's first grant to the room; a reconnect; an avatar asked for to the room."""
@@ -1467,6 +1533,7 @@ class SessionMachine:
         if current is not None:
             commands += self._stop_avatar(current, "lost: its room vanished (LiveKit restarted)")
             watch.avatar_after_room = True
+            self.clock.avatar_lost_at = self.clock.avatar_lost_at or now
         self._refresh_status()
         return [*commands, CreateRoom(self._room_request())]
 

@@ -211,6 +211,9 @@ class QualityPolicy(StrictInput):
     degrade_on: Annotated[list[ConnectionLevel], Field(max_length=4)] = [ConnectionLevel.POOR, ConnectionLevel.LOST]
     # The avatar's video published but no frame for this long: the avatar is replaced (its usual recovery).
     avatar_frozen_after: Annotated[Duration, Field(ge=timedelta(seconds=2), le=timedelta(minutes=5))] = timedelta(seconds=6)
+    # The avatar's audio carried no packets (a stalled or muted track), or it published no audio track, for this
+    # long: the avatar is replaced. A quiet avatar that listens still sends a few packets a second (Opus DTX).
+    avatar_silent_after: Annotated[Duration, Field(ge=timedelta(seconds=2), le=timedelta(minutes=5))] = timedelta(seconds=8)
     # A candidate whose connection stays lost this long ends the session (reason participant_lost); None: never.
     end_when_candidate_lost_for: Annotated[Duration, Field(ge=timedelta(seconds=5), le=timedelta(hours=1))] | None = None
 
@@ -329,6 +332,8 @@ class RoomEventKind(StrEnum):
     TRACK_UNPUBLISHED = "track_unpublished"
     QUALITY_CHANGED = "quality_changed"  # a level that outlasted the monitor's debounce window
     AVATAR_FROZEN = "avatar_frozen"  # the avatar's video is published but no frame came for a while
+    AVATAR_SILENT = "avatar_silent"  # the avatar's audio carried no packets (or was not published) for a while
+    AVATAR_FIRST_FRAME = "avatar_first_frame"  # the first video frame of an avatar reached the room (`at`: when)
     ROOM_LOST = "room_lost"  # the room vanished without a webhook (LiveKit restarted)
     PRESENCE = "presence"  # who is really in the room, after any gap in what the monitor saw
 
@@ -432,6 +437,9 @@ class MonitorInput(Strict):
     avatar_identity_prefix: str
     quality_sustain_s: float
     avatar_frozen_after_s: float
+    # Defaults: what a monitor of a session started before these existed was asked (no audio watch, no first frame).
+    avatar_silent_after_s: float | None = None  # None: the avatar's audio is not watched
+    avatar_first_frame: bool = False  # report each avatar's first video frame (AVATAR_FIRST_FRAME)
 
 
 # ---- what the outside reads ------------------------------------------------------------------------------
@@ -516,6 +524,10 @@ class Handoff(BaseModel):
 
     participants: dict[str, ParticipantHandoff] = Field(default_factory=dict)
     avatar_join_s: list[float] = Field(default_factory=list)  # each avatar session: asked for, to in the room
+    # Each avatar session: asked for, to its first video frame seen in the room (by the room monitor).
+    avatar_first_frame_s: list[float] = Field(default_factory=list)
+    # Each replacement: the avatar lost (left, ended, frozen, silent, its room gone), to the replacement's first frame.
+    avatar_replacement_s: list[float] = Field(default_factory=list)
     room_recovery_s: list[float] = Field(default_factory=list)  # each lost room: lost, to re-created
 
 

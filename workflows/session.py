@@ -27,7 +27,9 @@ with workflow.unsafe.imports_passed_through():
         AvatarCreated,
         AvatarCreateFailed,
         AvatarEnded,
+        AvatarFirstFrame,
         AvatarFrozen,
+        AvatarSilent,
         AvatarStarted,
         AvatarStartFailed,
         AvatarStopped,
@@ -120,6 +122,8 @@ PATCH_TOKEN_TTL_WITHIN_SESSION = "token-ttl-within-session"  # a participant's t
 # The status upsert also sets SessionDegraded, SessionEndReason and AvatarBilledSeconds.
 PATCH_SUPPORT_SEARCH_ATTRIBUTES = "support-search-attributes"
 PATCH_ROOM_MONITOR = "room-monitor"  # a room monitor (media task queue) reports tracks, quality, room loss
+# The monitor also watches the avatar's audio (a silent avatar is replaced) and reports its first video frames.
+PATCH_AVATAR_MEDIA_WATCH = "avatar-media-watch"
 
 # The room monitor: its worker's death shows within this. Its task queue is the starter's choice (this memo key;
 # an empty or missing one runs no monitor, e.g. time-skipping tests, where a long activity would stop the clock).
@@ -183,6 +187,8 @@ class SessionWorkflow:
         """Run until the machine decides the session ends, waking it at each deadline it names."""
         if workflow.patched(PATCH_ROOM_MONITOR) and self._media_task_queue():
             self._machine.enable_monitor()
+            if workflow.patched(PATCH_AVATAR_MEDIA_WATCH):
+                self._machine.enable_avatar_media_watch()
         self._execute(self._machine.begin())
         workflow.set_current_details(current_details(self._machine.state()))
         while not self._machine.ending:
@@ -587,6 +593,10 @@ def _monitor_event(event: RoomEvent) -> Event | None:
             return QualityChanged(who, quality, event.detail, event.event_id)
         case RoomEvent(kind=RoomEventKind.AVATAR_FROZEN, identity=str(who)):
             return AvatarFrozen(who, event.detail or "no video frames", event.event_id)
+        case RoomEvent(kind=RoomEventKind.AVATAR_SILENT, identity=str(who)):
+            return AvatarSilent(who, event.detail or "no audio", event.event_id)
+        case RoomEvent(kind=RoomEventKind.AVATAR_FIRST_FRAME, identity=str(who)):
+            return AvatarFirstFrame(who, event.at, event.event_id)
         case RoomEvent(kind=RoomEventKind.ROOM_LOST):
             return RoomLost(event.detail or "the room vanished", event.event_id)
         case RoomEvent(kind=RoomEventKind.PRESENCE, present=list(present)):

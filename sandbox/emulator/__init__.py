@@ -38,6 +38,10 @@ Control endpoints (no auth; loopback dev tool). Endpoint names: ``token``, ``sta
   rate-limit counters; optionally end every live session.
 - ``GET /_control/sessions``: every session with state, room name, avatar identity and presence, and the balance.
 - ``POST /_control/sessions/{id}/crash``: the avatar leaves the room, the session stays active.
+- ``POST /_control/sessions/{id}/freeze``: the avatar's video stops (the track stays published).
+- ``POST /_control/sessions/{id}/silence`` ``{"mode": "quiet"|"mute"|"unpublish"}``: the avatar's sound stops; its
+  video goes on. ``quiet``: it sends silence, as a listening avatar does (a few packets a second, Opus DTX);
+  ``mute``: its audio track stays published but muted, so no packet reaches the room; ``unpublish``: no audio track.
 - ``POST /_control/sessions/{id}/end`` ``{"reason"}``: end a session with any end reason (e.g. ``AVATAR_DELETED``).
 
 Not implemented: the LITE ``ws_url`` WebSocket (start still returns ``ws_url``), avatars, voices, transcripts.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from enum import StrEnum
 from typing import Any
 
 import jwt
@@ -16,6 +17,12 @@ from livekit import rtc
 from sandbox.media import SyntheticMedia, join_room
 
 from .schemas import LiveKitConfig
+
+
+class SilenceMode(StrEnum):
+    QUIET = "quiet"  # it sends silence, as an avatar that listens does (healthy: a few packets a second)
+    MUTE = "mute"  # its audio track stays published but muted: no packet reaches the room (a stalled stream)
+    UNPUBLISH = "unpublish"  # its audio track leaves the room; the avatar and its video stay
 
 
 class AvatarJoinError(Exception):
@@ -62,6 +69,16 @@ class Avatar:
     def freeze(self) -> None:
         """Its video stops (the track stays published): what a stuck renderer looks like from the room."""
         self._media.freeze_video()
+
+    async def silence(self, mode: SilenceMode) -> None:
+        """Its sound stops, three ways (see ``SilenceMode``); its video goes on."""
+        match mode:
+            case SilenceMode.QUIET:
+                self._media.quiet_audio()
+            case SilenceMode.MUTE:
+                self._media.mute_audio()
+            case SilenceMode.UNPUBLISH:
+                await self._media.unpublish_audio()
 
     @property
     def present(self) -> bool:

@@ -7,8 +7,9 @@ from typing import Annotated
 
 from fastapi import APIRouter, Body
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
+from .avatar import SilenceMode
 from .envelope import ApiError, ok
 from .faults import FaultRule, HangRule, LatencyRule
 from .schemas import SessionEndReason
@@ -21,6 +22,12 @@ router = APIRouter(prefix="/_control", tags=["control"])
 class ResetRequest(BaseModel):
     end_sessions: bool = False
     reason: SessionEndReason = SessionEndReason.SERVER_ERROR
+
+
+class SilenceRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    mode: SilenceMode
 
 
 class EndRequest(BaseModel):
@@ -85,6 +92,16 @@ async def freeze_avatar(session_id: uuid.UUID, emulator: Emulator) -> JSONRespon
     session = _session(emulator, session_id)
     if session.avatar is not None:
         session.avatar.freeze()
+    return ok(session.control_view())
+
+
+@router.post("/sessions/{session_id}/silence")
+async def silence_avatar(session_id: uuid.UUID, body: SilenceRequest, emulator: Emulator) -> JSONResponse:
+    """The avatar stays in the room with its video, but its sound stops: `quiet` (it sends silence, as a listening
+    avatar does), `mute` (no audio packet reaches the room) or `unpublish` (no audio track)."""
+    session = _session(emulator, session_id)
+    if session.avatar is not None:
+        await session.avatar.silence(body.mode)
     return ok(session.control_view())
 
 

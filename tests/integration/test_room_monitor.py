@@ -232,6 +232,110 @@ async def test_a_frozen_avatar_is_seen_by_the_monitor_and_replaced(monitored: Se
         await monitored.end(spec.session_id, "done")
 
 
+async def _emulator_sessions(stack: Settings) -> dict[str, dict[str, object]]:
+    """Every avatar session the emulator knows, by id (state, presence in the room)."""
+    async with httpx.AsyncClient(base_url=stack.liveavatar_api_url, timeout=5) as http:
+        listed = (await http.get("/_control/sessions")).json()["data"]["sessions"]
+    return {str(s["id"]): s for s in listed}
+
+
+async def _silence(stack: Settings, avatar_session_id: str, mode: str) -> httpx.Response:
+    async with httpx.AsyncClient(base_url=stack.liveavatar_api_url, timeout=5) as http:
+        return await http.post(f"/_control/sessions/{avatar_session_id}/silence", json={"mode": mode})
+
+
+async def _avatar_live_with_audio(sessions: SessionClient, session_id: str) -> SessionState | None:
+    """The avatar in the room with both its tracks seen by the monitor, and its first frame timed."""
+    state = await sessions.state(session_id)
+    identity = state.avatar_identity
+    ok = state.avatar_present and identity is not None and state.tracks.get(identity) == ["audio", "video"]
+    return state if ok and state.handoff.avatar_first_frame_s else None
+
+
+@pytest.mark.parametrize("mode", ["mute", "unpublish"])
+async def test_a_silent_avatar_is_seen_by_the_monitor_and_replaced(
+    monitored: SessionClient, stack: Settings, livekit: api.LiveKitAPI, mode: str
+) -> None:
+    """`mute`: its audio track stays published but no packet reaches the room; `unpublish`: no audio track."""
+    spec = interview(
+        avatar={"avatar_id": DEFAULT_AVATAR_ID, "replace_backoff": "PT1S"}, quality={"avatar_silent_after": "PT4S"}
+    )
+    grant = await monitored.join(spec, "cand")
+    async with join_room(grant.url, grant.token, publish_media=True):
+        first = await eventually(
+            lambda: _avatar_live_with_audio(monitored, spec.session_id),
+            what="the avatar in the room with audio and video, its first frame seen", timeout=45,
+        )
+        assert first.avatar_session_id is not None and first.avatar_identity is not None
+        refused = await _silence(stack, first.avatar_session_id, "loud")
+        assert refused.status_code == 422  # strict: nothing changed
+        (await _silence(stack, first.avatar_session_id, mode)).raise_for_status()
+        replaced = await eventually(
+            lambda: _state_where(
+                monitored, spec.session_id,
+                lambda s: s.avatar_present and s.avatar_session_id != first.avatar_session_id
+                and len(s.handoff.avatar_replacement_s) == 1,
+            ),
+            what="a replacement avatar in the room, its first frame seen", timeout=45,
+        )
+        old = replaced.avatar_billing[0]
+        assert old.end_reason is not None and "went silent" in old.end_reason, old.end_reason
+        assert old.ended_at is not None  # stopped: no longer billed
+        assert any("replacement 1 after: the avatar went silent" in r for r in replaced.recoveries)
+        # The new avatar is really in the room; the old one is not, and LiveAvatar has ended its session.
+        listed = await livekit.room.list_participants(api.ListParticipantsRequest(room=spec.room_name))
+        identities = {p.identity for p in listed.participants}
+        assert replaced.avatar_identity in identities and first.avatar_identity not in identities
+        emulated = await _emulator_sessions(stack)
+        assert emulated[first.avatar_session_id]["state"] == "ended"
+        assert emulated[str(replaced.avatar_session_id)]["state"] == "active"
+        outcome = await monitored.end(spec.session_id, "done")
+    # Nothing leaks: every avatar session ended, the room gone.
+    emulated = await _emulator_sessions(stack)
+    assert all(emulated[b.avatar_session_id]["state"] == "ended" for b in outcome.avatar_billing)
+    rooms = await livekit.room.list_rooms(api.ListRoomsRequest(names=[spec.room_name]))
+    assert not rooms.rooms
+    handoff = outcome.handoff
+    # One first frame per avatar that showed one; each replacement repaired one loss. (On a loaded machine a
+    # replacement may itself be replaced: these count, they are not fixed.)
+    assert len(handoff.avatar_first_frame_s) >= 2 and len(handoff.avatar_first_frame_s) <= len(outcome.avatar_billing)
+    assert 1 <= len(handoff.avatar_replacement_s) < len(handoff.avatar_first_frame_s)
+    # Replacement: from the loss, so at least the backoff (1 s); and it ends with the replacement's first frame.
+    assert handoff.avatar_replacement_s[0] >= 1.0
+    print(f"silent avatar ({mode}): first frames after {handoff.avatar_first_frame_s} s, "
+          f"in the room after {handoff.avatar_join_s} s, replaced in {handoff.avatar_replacement_s} s")
+
+
+async def test_a_quiet_avatar_is_not_silent_but_a_muted_one_is(monitored: SessionClient, stack: Settings) -> None:
+    """An avatar that listens sends silence (a few packets a second): over three windows it is never reported;
+    muted afterwards, it is, which shows the monitor was watching all along."""
+    window_s = 3
+    spec = interview(
+        avatar={"avatar_id": DEFAULT_AVATAR_ID, "replace_backoff": "PT1S"},
+        quality={"avatar_silent_after": f"PT{window_s}S"},
+    )
+    grant = await monitored.join(spec, "cand")
+    async with join_room(grant.url, grant.token, publish_media=True):
+        first = await eventually(
+            lambda: _avatar_live_with_audio(monitored, spec.session_id),
+            what="the avatar in the room with audio and video", timeout=45,
+        )
+        assert first.avatar_session_id is not None
+        (await _silence(stack, first.avatar_session_id, "quiet")).raise_for_status()
+        quiet_until = time.monotonic() + 3 * window_s
+        while time.monotonic() < quiet_until:  # the whole time, the same avatar serves
+            state = await monitored.state(spec.session_id)
+            assert state.avatar_session_id == first.avatar_session_id and not state.recoveries, state.recoveries
+            await asyncio.sleep(0.25)
+        (await _silence(stack, first.avatar_session_id, "mute")).raise_for_status()
+        replaced = await eventually(
+            lambda: _state_where(monitored, spec.session_id, lambda s: s.avatar_session_id != first.avatar_session_id),
+            what="the muted avatar replaced", timeout=30,
+        )
+        assert "went silent" in (replaced.avatar_billing[0].end_reason or "")
+        await monitored.end(spec.session_id, "done")
+
+
 async def _state_where(sessions: SessionClient, session_id: str, ok: Callable[[SessionState], bool]) -> SessionState | None:
     state = await sessions.state(session_id)
     return state if ok(state) else None

@@ -91,9 +91,9 @@ async def test_show_tells_an_avatar_interview_running_and_closed_and_list_finds_
     rc, stdout, stderr = await sessionflow("list", "--status", "ended", "--kind", "interview", "--limit", "1000")
     assert (rc, stderr) == (0, "")
     header, *rows = stdout.splitlines()
-    assert header.split() == ["SESSION", "KIND", "STATUS", "STARTED", "(UTC)"]
+    assert header.split() == ["SESSION", "KIND", "STATUS", "END", "REASON", "STARTED", "(UTC)"]
     [ours] = [r for r in rows if r.split()[0] == spec.session_id]
-    assert ours.split()[1:3] == ["interview", "ended"]
+    assert ours.split()[1:4] == ["interview", "ended", "requested"]  # the end reason: its `end` request
     assert all(r.split()[1:3] == ["interview", "ended"] for r in rows)
     rc, stdout, _ = await sessionflow("list", "--status", "live", "--limit", "1000")
     assert rc == 0 and spec.session_id not in stdout

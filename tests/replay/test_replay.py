@@ -48,6 +48,8 @@ EXPECTED = {
     *(f"{name}.v6" for name in ("interview_happy_path", "avatar_crash_and_replacement", "cancel")),
     # The room monitor (workflow.patched("room-monitor")): its reports, a lost room, a frozen avatar.
     *(f"{name}.v4" for name in ("monitor_quality_and_tracks", "monitor_room_lost", "monitor_avatar_frozen")),
+    # The monitor watches the avatar's audio and first frames (workflow.patched("avatar-media-watch")).
+    "monitor_avatar_silent.v7",
 }
 
 

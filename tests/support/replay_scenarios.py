@@ -476,12 +476,34 @@ async def monitor_avatar_frozen(env: WorkflowEnvironment) -> Handle:
         return handle
 
 
+async def monitor_avatar_silent(env: WorkflowEnvironment) -> Handle:
+    """The avatar went silent (workflow.patched("avatar-media-watch")): replaced as any lost avatar; each avatar's
+    first frame times it, and the replacement's first frame ends the replacement time."""
+    async with monitored_rig(env, ScriptedWorld(settle=True)) as r:
+        s = spec("silent", avatar={"avatar_id": AVATAR, "replace_backoff": "PT1S"})
+        handle = await r.sessions.start(s)
+        await r.sessions.join_running(s.session_id, "cand")
+        await tell(handle, RoomEventKind.PARTICIPANT_JOINED, "cand", sid="PA_1")
+        await r.state_is(s, lambda st: st.avatar_identity is not None and st.status == "live", "the avatar live")
+        first = (await r.sessions.state(s.session_id)).avatar_identity
+        await tell(handle, RoomEventKind.AVATAR_FIRST_FRAME, first, track_sid="TR_v1", track_kind="video")
+        await tell(handle, RoomEventKind.AVATAR_SILENT, first, detail="its audio track carried no packets for 8 s")
+        await r.state_is(s, lambda st: st.avatar_identity not in (None, first) and st.status == "live",
+                         "the replacement avatar")
+        second = (await r.sessions.state(s.session_id)).avatar_identity
+        await tell(handle, RoomEventKind.AVATAR_FIRST_FRAME, second, track_sid="TR_v2", track_kind="video")
+        await r.state_is(s, lambda st: len(st.handoff.avatar_replacement_s) == 1, "the replacement timed")
+        await r.sessions.end(s.session_id, "interview over")
+        await handle.result()
+        return handle
+
+
 SCENARIOS: dict[str, Callable[[WorkflowEnvironment], Awaitable[Handle]]] = {
     f.__name__: f
     for f in (
         interview_happy_path, coaching_happy_path, avatar_crash_and_replacement, avatar_rotation, participant_lost,
         no_show, max_duration, extend, end_during_avatar_start, cancel, terminate_live, worker_killed_mid_start,
         livekit_down, room_create_fails, cancel_after_end, consent_recording, consent_recording_refused,
-        monitor_quality_and_tracks, monitor_room_lost, monitor_avatar_frozen,
+        monitor_quality_and_tracks, monitor_room_lost, monitor_avatar_frozen, monitor_avatar_silent,
     )
 }

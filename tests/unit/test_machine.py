@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,7 +25,10 @@ from workflows.machine import (
     AvatarCreated,
     AvatarCreateFailed,
     AvatarEnded,
+    AvatarFirstFrame,
+    AvatarFrozen,
     AvatarPhase,
+    AvatarSilent,
     AvatarStarted,
     AvatarStartFailed,
     AvatarStopped,
@@ -1516,6 +1520,8 @@ ACTION_WEIGHTS = {
     "redeliver": 2,
     "end": 1,
     "room_closed": 1,
+    "avatar_broken": 2,
+    "first_frame": 2,
 }
 ACTIONS = [action for action, weight in ACTION_WEIGHTS.items() for _ in range(weight)]
 # Most operations succeed; a quarter fail, which is plenty to reach every failure path.
@@ -1568,6 +1574,15 @@ def external_step(world: World, data: st.DataObject) -> None:
             world.redeliver(data.draw(st.integers(0, 50), label="which"))
         case "room_closed":
             world.room_closed()
+        case "avatar_broken":  # the room monitor: an avatar's video froze or its sound stopped
+            who = data.draw(st.sampled_from([identity(1), identity(2), identity(3)]), label="avatar")
+            event_id = f"broken-{uuid.uuid4().hex[:8]}"
+            frozen = data.draw(st.booleans(), label="frozen")
+            world.apply(AvatarFrozen(who, "no frame", event_id) if frozen else AvatarSilent(who, "no audio", event_id))
+        case "first_frame":  # the room monitor: an avatar's first frame, its time drawn around now
+            who = data.draw(st.sampled_from([identity(1), identity(2), identity(3)]), label="avatar")
+            skew = timedelta(seconds=data.draw(st.integers(-120, 5), label="frame_skew_s"))
+            world.apply(AvatarFirstFrame(who, world.now + skew, f"frame-{who}"))
 
 
 def drain(world: World, data: st.DataObject) -> None:
@@ -1594,6 +1609,26 @@ def simulate(spec: SessionSpec, data: st.DataObject, max_steps: int) -> World:
 @given(spec=st.sampled_from(SPECS), data=st.data())
 def test_every_resource_that_came_to_exist_is_released_exactly_once(spec, data):
     simulate(spec, data, max_steps=60).check_all_released()
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(spec=st.sampled_from(SPECS), data=st.data())
+def test_avatar_metrics_count_each_avatar_once_and_never_negative(spec, data):
+    """First frames: at most one per avatar asked for; replacements: at most one per loss repaired; no time
+    below zero whatever order (or clock) the monitor's reports come in."""
+    world = live_world(spec) if spec.avatar is not None else World(SessionMachine(spec, started_at=T0))
+    if spec.avatar is None:
+        world.start()
+    for _ in range(data.draw(st.integers(0, 60), label="steps")):
+        external_step(world, data)
+    drain(world, data)
+    m = world.machine
+    handoff = m.outcome().handoff if m.finished else m.state().handoff
+    assert len(handoff.avatar_first_frame_s) <= m.avatar.starts
+    assert len(handoff.avatar_replacement_s) <= len(handoff.avatar_first_frame_s)
+    assert all(t >= 0 for t in [*handoff.avatar_first_frame_s, *handoff.avatar_replacement_s])
+    repaired = [r for r in m.recoveries if r.startswith("avatar replaced:")]
+    assert len(repaired) == len(handoff.avatar_replacement_s)
 
 
 def live_world(spec: SessionSpec) -> World:

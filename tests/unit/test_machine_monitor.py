@@ -1,5 +1,6 @@
 """The room monitor's side of the machine: one event stream with the webhooks (deduplicated, any order), the
-quality policy, a frozen avatar, a room that vanished, and presence reconciled after a gap."""
+quality policy, a frozen or silent avatar, avatars' first frames (handoff metrics), a room that vanished, and
+presence reconciled after a gap."""
 
 from __future__ import annotations
 
@@ -22,7 +23,9 @@ from tests.unit.test_machine import (
     with_started_avatar,
 )
 from workflows.machine import (
+    AvatarFirstFrame,
     AvatarFrozen,
+    AvatarSilent,
     CancelKeepAlive,
     CancelMonitor,
     CreateAvatarSession,
@@ -47,10 +50,13 @@ from workflows.machine import (
 from workflows.models import ConnectionLevel, EndReason, QualityPolicy, SessionKind, SessionSpec, SessionStatus
 
 
-def monitored(spec: SessionSpec | None = None) -> SessionMachine:
-    """A machine with the monitor on, its room live (the monitor started), nobody in yet."""
+def monitored(spec: SessionSpec | None = None, *, avatar_media: bool = True) -> SessionMachine:
+    """A machine with the monitor on, its room live (the monitor started), nobody in yet. `avatar_media`: the
+    monitor also watches the avatar's audio and reports first frames (sessions started after that patch)."""
     m = SessionMachine(spec or make_spec(), started_at=T0)
     m.enable_monitor()
+    if avatar_media:
+        m.enable_avatar_media_watch()
     m.begin()
     commands = m.handle(RoomCreated(), T0)
     [start] = [c for c in commands if isinstance(c, StartMonitor)]
@@ -163,6 +169,109 @@ def test_a_frozen_avatar_is_replaced_by_the_usual_recovery():
     assert m.status is SessionStatus.DEGRADED and "froze" in (m.avatar.problem or "")
     assert m.avatar.retry_at is not None  # replaced after the backoff, as any lost avatar
     assert m.handle(AvatarFrozen(identity(7), "stale", "f2"), at(2)) == []  # not the serving avatar
+
+
+def test_the_monitor_watches_the_avatars_audio_and_first_frames_only_in_sessions_that_enabled_it():
+    def start_request(avatar_media: bool, spec: SessionSpec | None = None) -> StartMonitor:
+        m = SessionMachine(spec or make_spec(), started_at=T0)
+        m.enable_monitor()
+        if avatar_media:
+            m.enable_avatar_media_watch()
+        m.begin()
+        [start] = [c for c in m.handle(RoomCreated(), T0) if isinstance(c, StartMonitor)]
+        return start
+
+    old = start_request(False).request
+    assert old.avatar_silent_after_s is None and not old.avatar_first_frame  # as sessions before the patch asked
+    new = start_request(True).request
+    assert new.avatar_silent_after_s == 8.0 and new.avatar_first_frame  # the default policy
+    quick = make_spec().model_copy(update={"quality": QualityPolicy(avatar_silent_after=timedelta(seconds=3))})
+    assert start_request(True, quick).request.avatar_silent_after_s == 3.0
+
+
+def test_a_silent_avatar_is_replaced_by_the_usual_recovery():
+    m = monitored()
+    m.handle(ParticipantJoined("alice"), T1)
+    with_started_avatar(m)
+    commands = m.handle(AvatarSilent(AVATAR_IDENTITY, "its audio track carried no packets for 8 s", "s1"), at(2))
+    assert CancelKeepAlive("av-1") in commands and StopAvatarSession("av-1") in commands
+    assert m.status is SessionStatus.DEGRADED and "went silent" in (m.avatar.problem or "")
+    assert m.avatars["av-1"].stop_reason == "lost: the avatar went silent: its audio track carried no packets for 8 s"
+    assert m.avatar.retry_at is not None  # replaced after the backoff, as any lost avatar
+    assert m.handle(AvatarSilent(AVATAR_IDENTITY, "again", "s1"), at(2)) == []  # a duplicate
+    assert m.handle(AvatarSilent(identity(7), "stale", "s2"), at(2)) == []  # not the serving avatar
+    replacement = m.handle(TimerFired(), m.avatar.retry_at)
+    assert any(isinstance(c, CreateAvatarSession) for c in replacement)
+    assert "avatar replacement 1 after: the avatar went silent" in m.recoveries[-1]
+
+
+def test_silence_of_an_outgoing_avatar_or_while_ending_changes_nothing():
+    m = monitored()
+    m.handle(ParticipantJoined("alice"), T1)
+    with_started_avatar(m)
+    m.handle(EndRequested("done"), at(2))
+    assert m.handle(AvatarSilent(AVATAR_IDENTITY, "no audio", "s1"), at(2)) == []
+    assert m.avatars["av-1"].stop_reason == "session ended: requested"
+
+
+def test_first_frames_time_each_avatar_and_a_replacement_from_the_loss_to_its_first_frame():
+    m = monitored()
+    m.handle(ParticipantJoined("alice"), T1)  # the first avatar is asked for now
+    with_started_avatar(m)
+    m.handle(ParticipantJoined(AVATAR_IDENTITY), at(1) + timedelta(seconds=3))
+    m.handle(AvatarFirstFrame(AVATAR_IDENTITY, at(1) + timedelta(seconds=4), "ff1"), at(1) + timedelta(seconds=5))
+    m.handle(AvatarFirstFrame(AVATAR_IDENTITY, at(1) + timedelta(seconds=9), "ff1-again"), at(1.2))  # told twice
+    assert m.state().handoff.avatar_first_frame_s == [4.0]  # the frame's time, not the signal's
+    assert m.state().handoff.avatar_replacement_s == []
+    m.handle(AvatarSilent(AVATAR_IDENTITY, "no audio track published for 8 s", "s1"), at(2))
+    assert m.avatar.retry_at is not None
+    m.handle(TimerFired(), m.avatar.retry_at)  # a replacement, asked for after the backoff
+    asked = m.avatar.retry_at or at(2) + timedelta(seconds=2)
+    with_started_avatar(m, "av-2", asked)
+    m.handle(AvatarFirstFrame(identity(2), asked + timedelta(seconds=3), "ff2"), asked + timedelta(seconds=3))
+    handoff = m.state().handoff
+    assert handoff.avatar_first_frame_s == [4.0, 3.0]
+    assert handoff.avatar_replacement_s == [5.0]  # silent at 2 min, backoff 2 s, first frame 3 s later
+    assert m.recoveries[-1] == f"avatar replaced: {identity(2)}'s first frame 5.0 s after the loss"
+    m.handle(EndRequested("done"), at(3))
+    assert m.state().handoff.avatar_replacement_s == [5.0]
+
+
+def test_a_frame_time_outside_what_the_session_knows_is_bounded_and_strangers_are_ignored():
+    m = monitored()
+    m.handle(ParticipantJoined("alice"), T1)
+    with_started_avatar(m)
+    m.handle(AvatarFirstFrame("avatar-someone-else-1", at(1.5), "x"), at(1.5))
+    m.handle(AvatarFirstFrame(AVATAR_IDENTITY, at(9), "ff1"), at(1.5))  # a clock ahead of the server's: now
+    assert m.state().handoff.avatar_first_frame_s == [30.0]
+    m2 = monitored()
+    m2.handle(ParticipantJoined("alice"), T1)
+    m2.handle(AvatarFirstFrame(AVATAR_IDENTITY, at(0), "ff1"), at(1.5))  # a clock behind: not before asked for
+    assert m2.state().handoff.avatar_first_frame_s == [0.0]
+
+
+def test_a_rotation_is_not_a_replacement():
+    m = monitored(make_spec(max_session_duration=timedelta(minutes=2)))
+    m.handle(ParticipantJoined("alice"), T1)
+    with_started_avatar(m)
+    rotate_at = m.avatar.rotate_at
+    assert rotate_at is not None
+    m.handle(TimerFired(), rotate_at)
+    with_started_avatar(m, "av-2", rotate_at)
+    m.handle(AvatarFirstFrame(identity(2), rotate_at, "ff2"), rotate_at)
+    assert m.state().handoff.avatar_first_frame_s == [0.0] and m.state().handoff.avatar_replacement_s == []
+
+
+def test_a_room_loss_is_repaired_by_the_fresh_avatars_first_frame():
+    m = monitored()
+    m.handle(ParticipantJoined("alice"), T1)
+    with_started_avatar(m)
+    m.handle(RoomLost("gone", "l1"), at(2))
+    commands = m.handle(RoomCreated(), at(2) + timedelta(seconds=1))
+    assert any(isinstance(c, CreateAvatarSession) for c in commands)
+    with_started_avatar(m, "av-2", at(2) + timedelta(seconds=2))
+    m.handle(AvatarFirstFrame(identity(2), at(2) + timedelta(seconds=4), "ff2"), at(2) + timedelta(seconds=4))
+    assert m.state().handoff.avatar_replacement_s == [4.0]
 
 
 def test_a_lost_room_is_re_created_with_a_fresh_avatar_and_people_get_their_grace():

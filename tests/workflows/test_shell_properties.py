@@ -3,11 +3,11 @@ scripted outside world, driven through random interleavings of what can happen t
 
 Hypothesis draws a story: joins (updates, left running in the background), webhooks (joined, left, the
 avatar leaving, the room finishing, duplicates), the room monitor's reports (tracks, quality levels, a frozen
-avatar, who is in the room, the room lost and LiveKit forgetting it), answers to the activities the session is waiting on (in
-any order: succeed, fail for good, fail and be retried, reach the service then fail, an avatar ending on
-LiveAvatar's side), extend, end, cancel, terminate, and worker restarts (the next worker replays the
-history). Then the session is ended if nothing ended it, the world answers everything, and we check what a
-user relies on:
+or silent avatar, an avatar's first frame, who is in the room, the room lost and LiveKit forgetting it), answers
+to the activities the session is waiting on (in any order: succeed, fail for good, fail and be retried, reach the
+service then fail, an avatar ending on LiveAvatar's side), extend, end, cancel, terminate, and worker restarts
+(the next worker replays the history). Then the session is ended if nothing ended it, the world answers
+everything, and we check what a user relies on:
 
 - every room and avatar session that came to exist is released, exactly once (one release command each,
   whatever its retries), and nothing is left at the services; a room is created again only after it was lost;
@@ -93,7 +93,7 @@ def spec_for(variant: str) -> SessionSpec:
 STEPS = {"answer": 12, "join": 4, "joined": 4, "left": 2, "avatar_left": 1, "room_finished": 1, "duplicate": 1,
          "extend": 1, "restart_worker": 1, "end": 1, "cancel": 1, "terminate": 1, "monitor": 3, "room_lost": 1}
 MONITOR_REPORTS = [RoomEventKind.TRACK_PUBLISHED, RoomEventKind.QUALITY_CHANGED, RoomEventKind.AVATAR_FROZEN,
-                   RoomEventKind.PRESENCE]
+                   RoomEventKind.AVATAR_SILENT, RoomEventKind.AVATAR_FIRST_FRAME, RoomEventKind.PRESENCE]
 STEP = st.sampled_from([name for name, weight in STEPS.items() for _ in range(weight)])
 # Refusals a caller may legitimately get; anything else from an update is a failure of the test.
 TYPED_ANSWERS = (SessionEnded, SessionCancelled, RoomFull, ExtendBeyondCap)
@@ -303,6 +303,8 @@ async def monitor_report(
         RoomEventKind.TRACK_PUBLISHED: {"identity": identity, "track_sid": f"TR_{identity}", "track_kind": "audio"},
         RoomEventKind.QUALITY_CHANGED: {"identity": identity, "quality": level},
         RoomEventKind.AVATAR_FROZEN: {"identity": avatar, "detail": "no video frame"},
+        RoomEventKind.AVATAR_SILENT: {"identity": avatar, "detail": "its audio track carried no packets for 8 s"},
+        RoomEventKind.AVATAR_FIRST_FRAME: {"identity": avatar, "at": datetime.now(UTC)},
         RoomEventKind.PRESENCE: {"present": present, "at": datetime.now(UTC)},
     }
     event = RoomEvent(event_id=f"mon-{uuid.uuid4().hex[:8]}", kind=kind, source=RoomEventSource.MONITOR, **reports[kind])
