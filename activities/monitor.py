@@ -19,11 +19,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from livekit import api, rtc
+from livekit.rtc._ffi_client import FfiClient
+from livekit.rtc._proto import ffi_pb2 as proto_ffi
 from pydantic import BaseModel, Field
 from temporalio import activity
 from temporalio.service import RPCError, RPCStatusCode
@@ -43,6 +45,7 @@ from workflows.models import (
 TICK_S = 0.25  # how often debounce windows, frozen video and the heartbeat are looked at
 STATS_EVERY_S = 5.0  # RTC stats (RTT, jitter, loss) are sampled this often, never signalled on their own
 ROOM_POLL_S = 1.0  # while the room is missing or LiveKit is down
+BEAT_WHILE_WAITING_S = 1.0  # heartbeats while a connect or a call is in flight (the timeout is 5 s)
 TOKEN_TTL = timedelta(minutes=15)  # LiveKit refreshes a connected participant's token; a reconnect mints anew
 MONITOR_PREFIX = "monitor-"
 ROOM_GONE = -1  # `_follow`'s answer when the room was found missing while our connection was being resumed
@@ -135,11 +138,30 @@ class RoomMonitor:
             self._beat()
             await asyncio.sleep(ROOM_POLL_S)
 
+    @contextlib.asynccontextmanager
+    async def _beating(self) -> AsyncIterator[None]:
+        """Heartbeat every BEAT_WHILE_WAITING_S while the block waits on something slow but bounded (a connect, a
+        call to LiveKit or Temporal): on a loaded machine those took longer than the heartbeat timeout, and the
+        session then retried a monitor that was working."""
+        async def beat() -> None:
+            while True:
+                self._beat()
+                await asyncio.sleep(BEAT_WHILE_WAITING_S)
+
+        task = asyncio.get_running_loop().create_task(beat())
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
     async def _room_exists(self) -> bool | None:
         """True or False as LiveKit says; None if LiveKit does not answer (down, restarting)."""
         s = self._settings
         try:
-            async with api.LiveKitAPI(s.livekit_http_url, s.livekit_api_key, s.livekit_api_secret.get_secret_value()) as lk:
+            secret = s.livekit_api_secret.get_secret_value()
+            async with self._beating(), api.LiveKitAPI(s.livekit_http_url, s.livekit_api_key, secret) as lk:
                 async with asyncio.timeout(s.livekit_call_timeout_s):
                     listed = await lk.room.list_rooms(api.ListRoomsRequest(names=[self._inp.room]))
         except Exception as e:  # unreachable or failing: keep waiting, the heartbeat goes on
@@ -152,7 +174,8 @@ class RoomMonitor:
         token = mint_monitor_token(self._settings, self._inp.room, monitor_identity_for(self._inp.session_id), TOKEN_TTL)
         room = rtc.Room()
         self._listen(room)
-        await connect_shielded(room, self._settings.livekit_url, token, rtc.RoomOptions(auto_subscribe=False))
+        async with self._beating():
+            await connect_shielded(room, self._settings.livekit_url, token, rtc.RoomOptions(auto_subscribe=False))
         sid = await room.sid
         if sid != self.snapshot.room_sid:
             self.snapshot.room_sid, self.snapshot.lost_reported = sid, False
@@ -244,6 +267,8 @@ class RoomMonitor:
                 track, publication, participant = item
                 if self._is_avatar(participant.identity) and publication.kind == rtc.TrackKind.KIND_VIDEO:
                     self._watch_frames(track, publication.sid)
+                elif publication.kind == rtc.TrackKind.KIND_AUDIO and not self._settings.monitor_receive_audio:
+                    _pause(publication)
             case "quality":
                 participant, quality = item
                 self._quality(participant, quality)
@@ -285,7 +310,8 @@ class RoomMonitor:
 
     def _wanted(self, identity: str, publication: rtc.RemoteTrackPublication) -> bool:
         """Subscribe only to what is watched: the avatar's video (frames) and each person's audio (LiveKit sends
-        a participant's quality only to those subscribed to one of their tracks)."""
+        a participant's quality only to those subscribed to one of their tracks). That audio is then paused
+        (`_pause`) unless `monitor_receive_audio`: the subscription is what brings the quality."""
         if self._is_avatar(identity):
             return publication.kind == rtc.TrackKind.KIND_VIDEO
         return publication.kind == rtc.TrackKind.KIND_AUDIO
@@ -394,11 +420,26 @@ class RoomMonitor:
             event_id=f"mon:{key}"[:128], kind=kind, identity=identity, source=RoomEventSource.MONITOR,
             at=datetime.now(UTC), **fields,
         )
-        await self._signal(event)
+        async with self._beating():
+            await self._signal(event)
         self._beat()
 
     def _beat(self) -> None:
         self._heartbeat(self.snapshot)
+
+
+def _pause(publication: rtc.RemoteTrackPublication) -> None:
+    """Ask LiveKit to stop forwarding a subscribed track's media (the subscription, and with it the publisher's
+    connection quality, stays). A subscribed audio track is otherwise received and decoded, 100 times a second,
+    for nothing: measured, most of a media worker's CPU per monitored session (docs/benchmarks.md, capacity).
+    The rtc SDK (1.2) has this request in its FFI but no Python method for it yet; failing, the audio flows."""
+    try:
+        request = proto_ffi.FfiRequest()
+        request.enable_remote_track_publication.track_publication_handle = publication._ffi_handle.handle
+        request.enable_remote_track_publication.enabled = False
+        FfiClient.instance.request(request)
+    except Exception as e:
+        activity.logger.warning("could not pause a monitored audio track; it is received", extra={"error": str(e)})
 
 
 class MonitorActivities:
