@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import sys
@@ -155,8 +156,10 @@ class Run:
                                "rss_mib": sum(out[k]["rss_mib"] for k in hosts)}
         return out
 
-    async def monitors(self) -> dict[str, int]:
-        """Every live session described: its monitor activity running, retried, or waiting for a slot."""
+    async def monitors(self) -> dict[str, Any]:
+        """Every live session described: its monitor activity running, retried (with why), or waiting for a slot."""
+        reasons: list[str] = []
+
         async def one(session_id: str) -> str:
             d = await self.call(self.sessions.handle(session_id).describe())
             pending = [a for a in d.raw_description.pending_activities if a.activity_type.name == "monitor_room"]
@@ -164,13 +167,15 @@ class Run:
                 return "missing"
             a = pending[0]
             if a.attempt > 1:
+                reasons.append(a.last_failure.message[:200])
                 return "retried"
             return "running" if a.state == 2 else "waiting"  # PENDING_ACTIVITY_STATE_STARTED
 
         results = await bounded(self.live, 4, one)
-        counts = {"running": 0, "retried": 0, "waiting": 0, "missing": 0, "unknown": 0}
+        counts: dict[str, Any] = {"running": 0, "retried": 0, "waiting": 0, "missing": 0, "unknown": 0}
         for r in results:
             counts[r if isinstance(r, str) else "unknown"] += 1
+        counts["retry_reasons"] = sorted(set(reasons))[:5]
         return counts
 
     async def events(self, probe: SessionSpec, grant: Any) -> dict[str, list[float]]:
@@ -243,7 +248,12 @@ class Run:
             todo = [s for s, r in zip(todo, results, strict=True) if isinstance(r, Exception)]
             if not todo:
                 break
-        return {"ended": len(self.started) - len(todo), "not_ended": len(todo)}
+        # Still not ended (Temporal or LiveKit overloaded past every retry): terminated, and their rooms are deleted
+        # by `rooms_left`; a terminated session releases nothing itself, so nothing else of theirs is left (no avatar).
+        terminated = await bounded(todo, self.args.concurrency,
+                                   lambda s: self.call(self.sessions.handle(s).terminate("bench cleanup")))
+        return {"ended": len(self.started) - len(todo), "not_ended_terminated": len(todo),
+                "terminate_failed": sum(isinstance(r, Exception) for r in terminated)}
 
     async def rooms_left(self) -> int:
         """Rooms of this run still on LiveKit: deleted here, and counted (0 when every end released its room)."""
@@ -313,8 +323,8 @@ async def ramp(run: Run) -> dict[str, Any]:
         if not_ready:
             broke.append(f"{len(not_ready)} sessions did not show their participant within {args.ready_timeout:.0f} s")
         if monitors["retried"] or monitors["waiting"] or monitors["missing"]:
-            broke.append(f"monitors: {monitors['retried']} retried (missed heartbeat), {monitors['waiting']} waiting "
-                         f"for a slot, {monitors['missing']} missing")
+            broke.append(f"monitors: {monitors['retried']} retried ({'; '.join(monitors['retry_reasons'])}), "
+                         f"{monitors['waiting']} waiting for a slot, {monitors['missing']} missing")
         if joins and step["join_ms"]["p99"] > args.limit_ms:
             broke.append(f"join p99 {step['join_ms']['p99']:.0f} ms > {args.limit_ms:.0f} ms")
         if broke:
@@ -436,7 +446,12 @@ async def main() -> None:
                         help="the monitors receive each person's audio (SESSIONFLOW_MONITOR_RECEIVE_AUDIO): the 'before'")
     parser.add_argument("--json", default=str(RESULTS / "bench-capacity.json"))
     parser.add_argument("--plots", default="bench-capacity", help="plot name prefix in docs/img ('' for none)")
+    parser.add_argument("--replot", metavar="JSON", help="only redraw the plots from a run's JSON")
     args = parser.parse_args()
+    if args.replot:
+        with open(args.replot) as f:  # noqa: ASYNC230  # nothing else runs yet
+            print("\n".join(plots(json.load(f), args.plots)))
+        return
     args.steps = sorted(int(n) for n in args.steps.split(",") if n)
     # SIGTERM (a `timeout`, a Ctrl-C of `sandbox exec`) cancels the run, so its cleanup still ends every session,
     # stops the workers and resumes the gateway.
