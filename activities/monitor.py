@@ -431,7 +431,7 @@ class RoomMonitor:
 def _pause(publication: rtc.RemoteTrackPublication) -> None:
     """Ask LiveKit to stop forwarding a subscribed track's media (the subscription, and with it the publisher's
     connection quality, stays). A subscribed audio track is otherwise received and decoded, 100 times a second,
-    for nothing: measured, most of a media worker's CPU per monitored session (docs/benchmarks.md, capacity).
+    for nothing: 43 % of a media worker's CPU samples in a profile (docs/benchmarks.md, capacity).
     The rtc SDK (1.2) has this request in its FFI but no Python method for it yet; failing, the audio flows."""
     try:
         request = proto_ffi.FfiRequest()

@@ -90,8 +90,8 @@ class Settings(BaseSettings):
     # How many rooms one media worker watches at once (each monitor is one long-running activity).
     media_max_sessions: int = Field(200, ge=1, validation_alias=_env("SESSIONFLOW_MEDIA_MAX_SESSIONS"))
     # Whether the monitor receives each person's audio (for per-participant jitter and loss from RTC stats) or
-    # only subscribes to it (for LiveKit's connection quality) with the media paused: receiving costs a media
-    # worker most of its CPU per session (docs/benchmarks.md, capacity).
+    # only subscribes to it (for LiveKit's connection quality) with the media paused: receiving it was 43 % of a
+    # media worker's CPU in a profile (docs/benchmarks.md, capacity).
     monitor_receive_audio: bool = Field(False, validation_alias=_env("SESSIONFLOW_MONITOR_RECEIVE_AUDIO"))
 
     # LiveKit
