@@ -91,12 +91,13 @@ class RoomMonitor:
     snapshot. Kept apart from the activity so its rules read on their own."""
 
     def __init__(self, settings: Settings, inp: MonitorInput, snapshot: Snapshot, signal: Signal,
-                 heartbeat: Callable[[Snapshot], None]) -> None:
+                 heartbeat: Callable[[dict[str, Any]], None]) -> None:
         self._settings = settings
         self._inp = inp
         self.snapshot = snapshot
         self._signal = signal
         self._heartbeat = heartbeat
+        self._told: dict[str, Any] = snapshot.model_dump(mode="json")  # the snapshot as last heartbeated
         self._events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         self._pending: dict[str, tuple[ConnectionLevel, float]] = {}  # identity -> (level, since): debouncing
         self._frames: dict[str, float] = {}  # avatar video track sid -> when its last frame came
@@ -144,8 +145,10 @@ class RoomMonitor:
         call to LiveKit or Temporal): on a loaded machine those took longer than the heartbeat timeout, and the
         session then retried a monitor that was working."""
         async def beat() -> None:
+            # The snapshot as last heartbeated, not as it is now: in `_emit` it already says told what the signal
+            # in flight is telling, and a worker killed before that lands must leave a retry to tell it again.
             while True:
-                self._beat()
+                self._heartbeat(self._told)
                 await asyncio.sleep(BEAT_WHILE_WAITING_S)
 
         task = asyncio.get_running_loop().create_task(beat())
@@ -425,7 +428,8 @@ class RoomMonitor:
         self._beat()
 
     def _beat(self) -> None:
-        self._heartbeat(self.snapshot)
+        self._told = self.snapshot.model_dump(mode="json")
+        self._heartbeat(self._told)
 
 
 def _pause(publication: rtc.RemoteTrackPublication) -> None:
@@ -461,8 +465,8 @@ class MonitorActivities:
                     raise SessionGone(inp.workflow_id) from e
                 raise
 
-        def heartbeat(s: Snapshot) -> None:
-            activity.heartbeat(s.model_dump(mode="json"))
+        def heartbeat(told: dict[str, Any]) -> None:
+            activity.heartbeat(told)
 
         activity.logger.info("room monitor starting", extra={"room": inp.room, "resumed": bool(info.heartbeat_details)})
         try:
