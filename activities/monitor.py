@@ -20,11 +20,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from livekit import api, rtc
+from livekit.rtc._ffi_client import FfiClient
+from livekit.rtc._proto import ffi_pb2 as proto_ffi
 from pydantic import BaseModel, Field
 from temporalio import activity
 from temporalio.service import RPCError, RPCStatusCode
@@ -47,6 +49,7 @@ STATS_EVERY_S = 5.0  # RTC stats (RTT, jitter, loss) are sampled this often, nev
 # second measured through LiveKit), a muted or stalled track none, so a window of seconds tells them apart.
 AUDIO_EVERY_S = 1.0
 ROOM_POLL_S = 1.0  # while the room is missing or LiveKit is down
+BEAT_WHILE_WAITING_S = 1.0  # heartbeats while a connect or a call is in flight (the timeout is 5 s)
 TOKEN_TTL = timedelta(minutes=15)  # LiveKit refreshes a connected participant's token; a reconnect mints anew
 MONITOR_PREFIX = "monitor-"
 ROOM_GONE = -1  # `_follow`'s answer when the room was found missing while our connection was being resumed
@@ -94,12 +97,13 @@ class RoomMonitor:
     snapshot. Kept apart from the activity so its rules read on their own."""
 
     def __init__(self, settings: Settings, inp: MonitorInput, snapshot: Snapshot, signal: Signal,
-                 heartbeat: Callable[[Snapshot], None]) -> None:
+                 heartbeat: Callable[[dict[str, Any]], None]) -> None:
         self._settings = settings
         self._inp = inp
         self.snapshot = snapshot
         self._signal = signal
         self._heartbeat = heartbeat
+        self._told: dict[str, Any] = snapshot.model_dump(mode="json")  # the snapshot as last heartbeated
         self._events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         self._pending: dict[str, tuple[ConnectionLevel, float]] = {}  # identity -> (level, since): debouncing
         self._frames: dict[str, float] = {}  # avatar video track sid -> when its last frame came
@@ -143,11 +147,32 @@ class RoomMonitor:
             self._beat()
             await asyncio.sleep(ROOM_POLL_S)
 
+    @contextlib.asynccontextmanager
+    async def _beating(self) -> AsyncIterator[None]:
+        """Heartbeat every BEAT_WHILE_WAITING_S while the block waits on something slow but bounded (a connect, a
+        call to LiveKit or Temporal): on a loaded machine those took longer than the heartbeat timeout, and the
+        session then retried a monitor that was working."""
+        async def beat() -> None:
+            # The snapshot as last heartbeated, not as it is now: in `_emit` it already says told what the signal
+            # in flight is telling, and a worker killed before that lands must leave a retry to tell it again.
+            while True:
+                self._heartbeat(self._told)
+                await asyncio.sleep(BEAT_WHILE_WAITING_S)
+
+        task = asyncio.get_running_loop().create_task(beat())
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
     async def _room_exists(self) -> bool | None:
         """True or False as LiveKit says; None if LiveKit does not answer (down, restarting)."""
         s = self._settings
         try:
-            async with api.LiveKitAPI(s.livekit_http_url, s.livekit_api_key, s.livekit_api_secret.get_secret_value()) as lk:
+            secret = s.livekit_api_secret.get_secret_value()
+            async with self._beating(), api.LiveKitAPI(s.livekit_http_url, s.livekit_api_key, secret) as lk:
                 async with asyncio.timeout(s.livekit_call_timeout_s):
                     listed = await lk.room.list_rooms(api.ListRoomsRequest(names=[self._inp.room]))
         except Exception as e:  # unreachable or failing: keep waiting, the heartbeat goes on
@@ -160,7 +185,8 @@ class RoomMonitor:
         token = mint_monitor_token(self._settings, self._inp.room, monitor_identity_for(self._inp.session_id), TOKEN_TTL)
         room = rtc.Room()
         self._listen(room)
-        await connect_shielded(room, self._settings.livekit_url, token, rtc.RoomOptions(auto_subscribe=False))
+        async with self._beating():
+            await connect_shielded(room, self._settings.livekit_url, token, rtc.RoomOptions(auto_subscribe=False))
         sid = await room.sid
         if sid != self.snapshot.room_sid:
             self.snapshot.room_sid, self.snapshot.lost_reported = sid, False
@@ -253,6 +279,9 @@ class RoomMonitor:
                 track, publication, participant = item
                 if self._is_avatar(participant.identity) and publication.kind == rtc.TrackKind.KIND_VIDEO:
                     self._watch_frames(track, publication.sid, participant.identity)
+                elif (publication.kind == rtc.TrackKind.KIND_AUDIO and not self._is_avatar(participant.identity)
+                      and not self._settings.monitor_receive_audio):
+                    _pause(publication)  # a person's audio: the subscription brings their quality, not the media
             case "first_frame":
                 identity, track_sid, at = item
                 if track_sid not in self.snapshot.first_frames and identity in self.snapshot.peers:
@@ -304,7 +333,8 @@ class RoomMonitor:
     def _wanted(self, identity: str, publication: rtc.RemoteTrackPublication) -> bool:
         """Subscribe only to what is watched: the avatar's video (frames) and, if its silence is watched, its audio
         (packets, never decoded); each person's audio (LiveKit sends a participant's quality only to those subscribed
-        to one of their tracks)."""
+        to one of their tracks), which is then paused (`_pause`) unless `monitor_receive_audio`: the subscription is
+        what brings the quality."""
         if self._is_avatar(identity):
             audio = self._inp.avatar_silent_after_s is not None and publication.kind == rtc.TrackKind.KIND_AUDIO
             return publication.kind == rtc.TrackKind.KIND_VIDEO or audio
@@ -452,11 +482,27 @@ class RoomMonitor:
         event = RoomEvent(
             event_id=f"mon:{key}"[:128], kind=kind, identity=identity, source=RoomEventSource.MONITOR, **fields
         )
-        await self._signal(event)
+        async with self._beating():
+            await self._signal(event)
         self._beat()
 
     def _beat(self) -> None:
-        self._heartbeat(self.snapshot)
+        self._told = self.snapshot.model_dump(mode="json")
+        self._heartbeat(self._told)
+
+
+def _pause(publication: rtc.RemoteTrackPublication) -> None:
+    """Ask LiveKit to stop forwarding a subscribed track's media (the subscription, and with it the publisher's
+    connection quality, stays). A subscribed audio track is otherwise received and decoded, 100 times a second,
+    for nothing: 43 % of a media worker's CPU samples in a profile (docs/benchmarks.md, capacity).
+    The rtc SDK (1.2) has this request in its FFI but no Python method for it yet; failing, the audio flows."""
+    try:
+        request = proto_ffi.FfiRequest()
+        request.enable_remote_track_publication.track_publication_handle = publication._ffi_handle.handle
+        request.enable_remote_track_publication.enabled = False
+        FfiClient.instance.request(request)
+    except Exception as e:
+        activity.logger.warning("could not pause a monitored audio track; it is received", extra={"error": str(e)})
 
 
 class MonitorActivities:
@@ -478,8 +524,8 @@ class MonitorActivities:
                     raise SessionGone(inp.workflow_id) from e
                 raise
 
-        def heartbeat(s: Snapshot) -> None:
-            activity.heartbeat(s.model_dump(mode="json"))
+        def heartbeat(told: dict[str, Any]) -> None:
+            activity.heartbeat(told)
 
         activity.logger.info("room monitor starting", extra={"room": inp.room, "resumed": bool(info.heartbeat_details)})
         try:

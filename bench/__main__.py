@@ -22,6 +22,9 @@ BENCHES: dict[str, tuple[str, list[str]]] = {
                       ["--levels", "1:10,10:20", "--warmup", "1"]),
     "monitor_events": ("room monitor: event latency, history size, media worker memory and CPU",
                        ["--sessions", "5", "--events", "5", "--hold", "5"]),
+    "capacity": ("live monitored sessions one workflow worker and one media worker hold: join p50/p99, event latency, "
+                 "memory and CPU per session, ramped until join p99 passes 500 ms or the monitors fall behind",
+                 ["--steps", "5,10", "--hold", "5", "--probe", "5", "--events", "2", "--plots", ""]),
     "storage": ("the dev server's SQLite: default journal against WAL (two servers of its own)",
                 ["--levels", "1:10,10:20", "--rounds", "1"]),
     "avatar_in_room": ("join call until the candidate has the avatar's video, against the emulator alone",

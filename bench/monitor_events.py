@@ -6,12 +6,15 @@
   (or its leave) until the session's `state` says so (polled every 20 ms), p50/p99 over `--events` joins and as
   many leaves, once from the monitor alone (the stack's gateway paused: no webhook) and once from the webhooks
   alone (no media worker for those sessions).
-- **history**: the events of a session that ran `--hold` seconds with one participant in, monitor on; the
-  monitor heartbeats (not history) and signals only changes, so a steady hour adds nothing: the figure is per
-  session, whatever its length, plus one signal per change.
+- **history**: each session's event count once its participant is in (monitor on), and again after `--hold`
+  seconds: the growth per session over the hold, extrapolated to an hour (measured slope x 3600 / hold; the
+  monitor heartbeats, which is not history, and signals only changes).
 - **media worker**: `python -m workers --media` as its own process, watching `n` sessions (one participant
-  each, publishing audio, which the monitor subscribes to): its resident memory and CPU over `--hold` seconds,
-  against the same worker watching nothing.
+  each, publishing audio, hosted by two processes of their own, `bench/participants.py`): its resident memory
+  and CPU over `--hold` seconds, against the same worker watching nothing, and per session.
+
+Robust on a loaded machine: every call is bounded and a slow one is asked again, not fatal; sessions are ended
+a few at a time, each end retried.
 
 Prints figures and writes JSON (`--json`); asserts nothing. Every session is ended, also when the run fails.
 """
@@ -21,10 +24,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 import uuid
@@ -35,10 +38,10 @@ from typing import Any
 import numpy as np
 from livekit import rtc
 
-from bench.common import usage
+from bench.common import RESULTS, ParticipantHost, WorkerProcess, bounded, usage
 from config.settings import Settings
 from sandbox.media import join_room
-from sandbox.stack import REPO_ROOT, LocalStack
+from sandbox.stack import LocalStack
 from starters.client import SessionClient
 from workers.temporal import connect
 from workers.worker import build_media_worker, build_worker
@@ -135,32 +138,90 @@ async def sample(pid: int, hold: float) -> dict[str, float]:
     return {"cpu_pct": 100 * (cpu1 - cpu0) / hold, "rss_mib": rss}
 
 
-async def media_load(sessions: SessionClient, media_queue: str, counts: list[int], hold: float) -> dict[str, Any]:
-    env = os.environ | {"SESSIONFLOW_MEDIA_TASK_QUEUE": media_queue, "SESSIONFLOW_LOG_LEVEL": "WARNING"}
-    worker = subprocess.Popen([sys.executable, "-m", "workers", "--media"], cwd=REPO_ROOT, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+async def shown(sessions: SessionClient, session_ids: list[str], timeout: float) -> list[str]:
+    """Poll (slowly, 4 at a time, each call bounded) until every session shows its participant; returns those
+    that did not within `timeout`. A slow or failed query is asked again, not fatal."""
+    waiting = list(session_ids)
+    deadline = time.monotonic() + timeout
+
+    async def present(session_id: str) -> bool:
+        return (await sessions.state(session_id)).present == ["cand"]
+
+    while waiting and time.monotonic() < deadline:
+        results = await bounded(waiting, 4, present, timeout=30)
+        waiting = [s for s, r in zip(waiting, results, strict=True) if r is not True]
+        if waiting:
+            await asyncio.sleep(1.0)
+    return waiting
+
+
+async def history_sizes(sessions: SessionClient, session_ids: list[str]) -> list[int]:
+    results = await bounded(session_ids, 4, lambda s: sessions.handle(s).fetch_history(), timeout=30)
+    return [len(r.events) for r in results if not isinstance(r, Exception)]
+
+
+async def end_all(sessions: SessionClient, session_ids: list[str]) -> list[str]:
+    """End every session (bounded, each end retried twice): an overloaded LiveKit or Temporal slows them down,
+    it does not leave rooms behind. Returns the ones that still did not end."""
+    todo = list(session_ids)
+    for _ in range(3):
+        results = await bounded(todo, 5, lambda s: sessions.end(s, "bench over"), timeout=60)
+        todo = [s for s, r in zip(todo, results, strict=True) if isinstance(r, Exception)]
+        if not todo:
+            break
+    return todo
+
+
+async def leave(hosts: dict[str, ParticipantHost], session_id: str) -> float:
+    return await hosts[session_id].leave(session_id)
+
+
+async def media_load(sessions: SessionClient, counts: list[int], hold: float) -> dict[str, Any]:
+    """The media worker (its own process) watching `n` sessions, each with one participant publishing audio;
+    the participants are hosted by two processes of their own, so this process only measures."""
+    media = WorkerProcess(True, sessions.task_queue, sessions.settings.media_task_queue, log="bench-monitor-media-worker.log")
     results: dict[str, Any] = {}
     try:
-        await asyncio.sleep(3)
-        results["idle"] = await sample(worker.pid, hold)
-        for n in counts:
-            specs = [spec(i) for i in range(n)]
-            async with contextlib.AsyncExitStack() as stack:
-                grants = await asyncio.gather(*(sessions.join(s, "cand") for s in specs))
-                for grant in grants:
-                    await stack.enter_async_context(audio_participant(grant.url, grant.token))
-                # Slow polling here: 50 sessions polled every 20 ms would be the load measured.
-                await asyncio.gather(*(until(sessions, s.session_id, ["cand"], every=1.0) for s in specs))
-                await asyncio.sleep(3)  # every monitor connected and subscribed
-                figures = await sample(worker.pid, hold)
-                history = await sessions.handle(specs[0].session_id).fetch_history()
-                figures["history_events_first_session"] = len(history.events)
-                results[str(n)] = figures
-                await asyncio.gather(*(sessions.end(s.session_id, "bench over") for s in specs))
-            print(f"  {n} sessions: {results[str(n)]}", flush=True)
+        async with ParticipantHost(RESULTS / "bench-monitor-participants0.log") as h0, \
+                ParticipantHost(RESULTS / "bench-monitor-participants1.log") as h1:
+            await asyncio.sleep(5)  # the worker connected and polling
+            results["idle"] = await sample(media.proc.pid, hold)
+            print(f"  idle media worker: {results['idle']}", flush=True)
+            for n in counts:
+                specs = [spec(i) for i in range(n)]
+                ids = [s.session_id for s in specs]
+                hosts = {s.session_id: (h0, h1)[i % 2] for i, s in enumerate(specs)}
+
+                async def populate(s: SessionSpec, hosts: dict[str, ParticipantHost] = hosts) -> None:
+                    grant = await sessions.join(s, "cand")
+                    await hosts[s.session_id].join(s.session_id, grant.url, grant.token)
+
+                try:
+                    failed = [r for r in await bounded(specs, 5, populate, timeout=60) if isinstance(r, Exception)]
+                    not_shown = await shown(sessions, ids, timeout=120)
+                    await asyncio.sleep(3)  # every monitor connected and subscribed
+                    before = await history_sizes(sessions, ids)
+                    host_cpu = [usage(h.pid)[0] for h in (h0, h1)]
+                    figures: dict[str, Any] = dict(await sample(media.proc.pid, hold))
+                    after = await history_sizes(sessions, ids)
+                    figures["participants_cpu_pct"] = 100 * sum(usage(h.pid)[0] - c for h, c in zip((h0, h1), host_cpu,
+                                                                                                       strict=True)) / hold
+                    figures["per_session"] = {"cpu_pct": (figures["cpu_pct"] - results["idle"]["cpu_pct"]) / n,
+                                              "rss_mib": (figures["rss_mib"] - results["idle"]["rss_mib"]) / n}
+                    figures["failed_joins"], figures["not_shown"] = len(failed), len(not_shown)
+                    figures["history_events_mean"] = statistics.mean(before) if before else None
+                    if before and after:
+                        grown = (sum(after) - sum(before)) / min(len(before), len(after))
+                        # Extrapolated: events added per session over the hold, scaled to an hour.
+                        figures["history_events_per_session_hour"] = grown * 3600 / (hold + 0.0)
+                    results[str(n)] = figures
+                finally:
+                    figures_end = await end_all(sessions, ids)
+                    await bounded(ids, 8, functools.partial(leave, hosts), timeout=30)
+                    results.setdefault(str(n), {})["not_ended"] = len(figures_end)
+                print(f"  {n} sessions: {results[str(n)]}", flush=True)
     finally:
-        worker.terminate()
-        worker.wait(20)
+        media.stop()
     return results
 
 
@@ -186,7 +247,7 @@ async def main() -> None:
         print(f"webhooks alone: {out['webhooks_alone']}", flush=True)
         counts = [int(n) for n in args.sessions.split(",") if n]
         load = SessionClient(client, settings.model_copy(update={"media_task_queue": f"{queue}-load"}), task_queue=queue)
-        out["media_worker"] = await media_load(load, load.settings.media_task_queue, counts, args.hold)
+        out["media_worker"] = await media_load(load, counts, args.hold)
     write(Path(args.json), out)
     print(json.dumps(out, indent=2))
 

@@ -89,6 +89,10 @@ class Settings(BaseSettings):
     media_task_queue: str = Field("session-media", validation_alias=_env("SESSIONFLOW_MEDIA_TASK_QUEUE"))
     # How many rooms one media worker watches at once (each monitor is one long-running activity).
     media_max_sessions: int = Field(200, ge=1, validation_alias=_env("SESSIONFLOW_MEDIA_MAX_SESSIONS"))
+    # Whether the monitor receives each person's audio (for per-participant jitter and loss from RTC stats) or
+    # only subscribes to it (for LiveKit's connection quality) with the media paused: receiving it was 43 % of a
+    # media worker's CPU in a profile (docs/benchmarks.md, capacity).
+    monitor_receive_audio: bool = Field(True, validation_alias=_env("SESSIONFLOW_MONITOR_RECEIVE_AUDIO"))
 
     # LiveKit
     livekit_url: str = Field("ws://127.0.0.1:7880", validation_alias=_env("LIVEKIT_URL"))
