@@ -33,8 +33,10 @@ from workflows.search_attributes import SEARCH_ATTRIBUTES
 # room monitor's) participant tokens bounded by the hard cap (`workflow.patched("token-ttl-within-session")`) and
 # rooms named with the deployment (`session-<deployment>-<id>`); v4 the room monitor
 # (`workflow.patched("room-monitor")`), recorded on its own branch; v6 the status upsert carrying support's search
-# attributes (`workflow.patched("support-search-attributes")`).
-CORPUS_VERSION = "v6"
+# attributes (`workflow.patched("support-search-attributes")`); v7-local-room the room created by a local activity,
+# a join answered in the session's first workflow task (`workflow.patched("local-room-create")`; named apart from a
+# plain v7 recorded on another branch at the same time).
+CORPUS_VERSION = "v7-local-room"
 HISTORIES = Path(__file__).parent / "histories"
 
 
