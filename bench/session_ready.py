@@ -33,7 +33,7 @@ import json
 import os
 import sys
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -49,8 +49,8 @@ from temporalio.worker import PatchActivationInput, Worker
 from activities.livekit import mint_token
 from bench.common import Call, Phase, closed_loop, figure, machine, parse_levels, pct, save_plot, summary, write_json
 from config.settings import Settings
-from starters.client import SessionClient
-from workers.temporal import connect
+from starters.client import SessionClient, Unavailable
+from workers.temporal import TemporalUnavailable, connect
 from workers.worker import build_worker
 from workflows.machine import PARTICIPANT_TOKEN_TTL
 from workflows.models import MintTokenInput, Role, SessionSpec, workflow_id_for
@@ -106,6 +106,7 @@ class Bench:
         self.ended: set[str] = set()
         self.direct_rooms: list[str] = []  # rooms the direct baseline asked for: each is deleted
         self.deleted: set[str] = set()
+        self.failed: dict[str, str] = {}  # joins that got no grant: session id -> the error
 
     async def floor(self, wid: str) -> None:
         op = WithStartWorkflowOperation(
@@ -139,11 +140,18 @@ class Bench:
 
     async def join(self, session_id: str) -> None:
         self.started.append(session_id)
-        await self.sessions.join(session_spec(session_id), "coachee")
+        await self._joined(session_id, self.sessions.join(session_spec(session_id), "coachee"))
 
     async def join_before(self, session_id: str) -> None:
         self.started.append(session_id)
-        await self.sessions_before.join(session_spec(session_id), "coachee")
+        await self._joined(session_id, self.sessions_before.join(session_spec(session_id), "coachee"))
+
+    async def _joined(self, session_id: str, call: Awaitable[object]) -> None:
+        """A join that got no grant (an overloaded machine: "did not answer, safe to retry") is counted, not timed."""
+        try:
+            await call
+        except (Unavailable, TemporalUnavailable) as e:
+            self.failed[session_id] = str(e)
 
     async def end(self, session_id: str) -> None:
         await self.sessions.end(session_id, "bench")
@@ -354,6 +362,10 @@ async def run_level(bench: Bench, concurrency: int, n: int) -> tuple[dict[str, A
     phases["direct_delete"] = await closed_loop([c.key for c in phases["direct"].calls], concurrency,
                                                 bench.delete_direct)
     level: dict[str, Any] = {"concurrency": concurrency, "n": n}
+    for name in ("join", "join_before"):
+        failed = [c for c in phases[name].calls if c.key in bench.failed]
+        level[f"{name}_failed"] = len(failed)
+        phases[name].calls = [c for c in phases[name].calls if c.key not in bench.failed]
     for name, phase in phases.items():
         level[name] = summary(phase.ms, phase.wall_s)
     level["samples"] = {name: sorted(phases[name].ms) for name in ("floor", "direct", "join_before", "join")}
@@ -414,27 +426,28 @@ async def main() -> None:
                 level, phases = await run_level(bench, concurrency, n)
                 results.append(level)
                 print_level(level)
+                if level["join_failed"] or level["join_before_failed"]:
+                    print(f"  joins with no grant (not timed): {level['join_failed']} join, "
+                          f"{level['join_before_failed']} join (before)")
                 if not traces:
                     for name in ("join", "join_before"):
                         call = nearest_p50(phases[name])
                         traces[name] = await trace(client, workflow_id_for(call.key, settings.deployment), call)
                     floor_call = nearest_p50(phases["floor"])
                     traces["floor"] = await trace(client, floor_call.key, floor_call)
-                    trace_concurrency = concurrency
+                    trace_concurrency = c = concurrency
+                    # Printed (and the plots drawn) as each level ends, so a run cut short keeps what it measured.
+                    print_trace(f"trace of one join (concurrency {c}, the call nearest the p50); ms after the client "
+                                "sent it", traces["join"])
+                    print_trace(f"trace of one join (before: room created by a normal activity; concurrency {c}, "
+                                "nearest the p50)", traces["join_before"])
+                    print_trace(f"trace of one floor call (concurrency {c}, nearest the p50)", traces["floor"])
+                print_breakdowns(results)
+                if not args.no_plots:
+                    for path in plot(results):
+                        print(f"plot written to {path}")
         finally:
             left = await bench.cleanup()
-    if traces:
-        c = trace_concurrency
-        print_trace(f"trace of one join (concurrency {c}, the call nearest the p50); ms after the client sent it",
-                    traces["join"])
-        print_trace(f"trace of one join (before: room created by a normal activity; concurrency {c}, nearest the p50)",
-                    traces["join_before"])
-        print_trace(f"trace of one floor call (concurrency {c}, nearest the p50)", traces["floor"])
-    if results:
-        print_breakdowns(results)
-        if not args.no_plots:
-            for path in plot(results):
-                print(f"plot written to {path}")
     print(f"\ncleanup: {len(bench.ended)} sessions ended, {len(bench.deleted)} direct rooms deleted, "
           f"{len(left)} of the benchmark's rooms still on LiveKit{': ' + ', '.join(left) if left else ''}")
     out = {
