@@ -187,7 +187,7 @@ TRACED = {
     EventType.EVENT_TYPE_UPSERT_WORKFLOW_SEARCH_ATTRIBUTES: "search attributes upserted",
     # A local activity (the room create, the token) runs inside a workflow task; its marker is written when that
     # task completes, so its time is in "workflow task on the worker".
-    EventType.EVENT_TYPE_MARKER_RECORDED: "local activity recorded",
+    EventType.EVENT_TYPE_MARKER_RECORDED: "marker recorded",
 }
 
 
@@ -202,7 +202,7 @@ def _activity_name(event: HistoryEvent, names: dict[int, str]) -> str:
         return names.get(event.activity_task_completed_event_attributes.scheduled_event_id, "?")
     if event.HasField("marker_recorded_event_attributes"):
         marker = event.marker_recorded_event_attributes.marker_name
-        return "" if marker == "core_local_activity" else marker  # a patch's marker names itself
+        return "local activity" if marker == "core_local_activity" else marker  # else a patch's (core_patch)
     if event.HasField("workflow_execution_update_accepted_event_attributes"):
         return event.workflow_execution_update_accepted_event_attributes.accepted_request.input.name
     return ""
