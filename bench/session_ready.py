@@ -11,13 +11,18 @@ one returns) until `n` calls are done. Measured at each level, one after the oth
   or join in one call".
 - **direct**: what the session does on LiveKit, without Temporal: `create_room` on the real LiveKit server (a
   fresh `LiveKitAPI` per call, as the activity does) then `activities.livekit.mint_token`.
+- **join (before)**: the same join served by a worker that leaves the `local-room-create` patch off (the SDK's
+  `patch_activation_callback`), as every session before it: the room created by a normal activity, two workflow
+  tasks per join.
 - **join**: `SessionClient.join` of a new session until its grant is back (starts the workflow, creates the
-  room, mints the token).
+  room, mints the token), as the code runs today: one workflow task.
 - **end**: `SessionClient.end` of each of those sessions until its room is released (no avatar here).
 
-Then the history of one join (the one nearest the p50 at the first level) is printed event by event, relative to
-the moment the client sent the request, beside the history of one floor call. Every session is ended and every
-direct room deleted, also when the run fails. Prints figures and writes them as JSON; asserts nothing.
+Then the history of one join, one join (before) (the ones nearest the p50 at the first level) and one floor call
+is printed event by event, relative to the moment the client sent the request, and the mean time per call spent
+in each kind of gap, from the history of every call. Every session is ended and every direct room deleted, also
+when the run fails. Prints figures, writes them as JSON and draws two plots (`docs/img/bench-session-ready-*.png`:
+the latency distribution at each level, latency against concurrency); asserts nothing.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import json
 import os
 import sys
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -39,16 +44,17 @@ from temporalio.api.enums.v1 import EventType
 from temporalio.api.history.v1 import HistoryEvent
 from temporalio.client import Client, WithStartWorkflowOperation
 from temporalio.common import WorkflowIDConflictPolicy
-from temporalio.worker import Worker
+from temporalio.worker import PatchActivationInput, Worker
 
 from activities.livekit import mint_token
-from bench.common import Call, Phase, closed_loop, machine, parse_levels, pct, summary, write_json
+from bench.common import Call, Phase, closed_loop, figure, machine, parse_levels, pct, save_plot, summary, write_json
 from config.settings import Settings
-from starters.client import SessionClient
-from workers.temporal import connect
+from starters.client import SessionClient, Unavailable
+from workers.temporal import TemporalUnavailable, connect
 from workers.worker import build_worker
 from workflows.machine import PARTICIPANT_TOKEN_TTL
 from workflows.models import MintTokenInput, Role, SessionSpec, workflow_id_for
+from workflows.session import PATCH_LOCAL_ROOM_CREATE
 
 DEFAULT_LEVELS = "1:30,10:40,50:100"
 DEFAULT_JSON = ".sessionflow/bench-session-ready.json"
@@ -84,16 +90,23 @@ def session_spec(session_id: str) -> SessionSpec:
     )
 
 
+def before_local_room_create(patch: PatchActivationInput) -> bool:
+    """The "before" worker: sessions it starts never take the `local-room-create` patch (all others as usual)."""
+    return patch.patch_id != PATCH_LOCAL_ROOM_CREATE
+
+
 class Bench:
-    def __init__(self, client: Client, settings: Settings, session_tq: str, floor_tq: str) -> None:
+    def __init__(self, client: Client, settings: Settings, session_tq: str, floor_tq: str, before_tq: str) -> None:
         self.client = client
         self.settings = settings
         self.sessions = SessionClient(client, settings, task_queue=session_tq)
+        self.sessions_before = SessionClient(client, settings, task_queue=before_tq)
         self.floor_tq = floor_tq
         self.started: list[str] = []  # session ids whose join was sent: each is ended
         self.ended: set[str] = set()
         self.direct_rooms: list[str] = []  # rooms the direct baseline asked for: each is deleted
         self.deleted: set[str] = set()
+        self.failed: dict[str, str] = {}  # joins that got no grant: session id -> the error
 
     async def floor(self, wid: str) -> None:
         op = WithStartWorkflowOperation(
@@ -127,7 +140,18 @@ class Bench:
 
     async def join(self, session_id: str) -> None:
         self.started.append(session_id)
-        await self.sessions.join(session_spec(session_id), "coachee")
+        await self._joined(session_id, self.sessions.join(session_spec(session_id), "coachee"))
+
+    async def join_before(self, session_id: str) -> None:
+        self.started.append(session_id)
+        await self._joined(session_id, self.sessions_before.join(session_spec(session_id), "coachee"))
+
+    async def _joined(self, session_id: str, call: Awaitable[object]) -> None:
+        """A join that got no grant (an overloaded machine: "did not answer, safe to retry") is counted, not timed."""
+        try:
+            await call
+        except (Unavailable, TemporalUnavailable) as e:
+            self.failed[session_id] = str(e)
 
     async def end(self, session_id: str) -> None:
         await self.sessions.end(session_id, "bench")
@@ -161,6 +185,9 @@ TRACED = {
     EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_ACCEPTED: "update accepted",
     EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_COMPLETED: "update completed",
     EventType.EVENT_TYPE_UPSERT_WORKFLOW_SEARCH_ATTRIBUTES: "search attributes upserted",
+    # A local activity (the room create, the token) runs inside a workflow task; its marker is written when that
+    # task completes, so its time is in "workflow task on the worker".
+    EventType.EVENT_TYPE_MARKER_RECORDED: "marker recorded",
 }
 
 
@@ -173,6 +200,9 @@ def _activity_name(event: HistoryEvent, names: dict[int, str]) -> str:
         return names.get(event.activity_task_started_event_attributes.scheduled_event_id, "?")
     if event.HasField("activity_task_completed_event_attributes"):
         return names.get(event.activity_task_completed_event_attributes.scheduled_event_id, "?")
+    if event.HasField("marker_recorded_event_attributes"):
+        marker = event.marker_recorded_event_attributes.marker_name
+        return "local activity" if marker == "core_local_activity" else marker  # else a patch's (core_patch)
     if event.HasField("workflow_execution_update_accepted_event_attributes"):
         return event.workflow_execution_update_accepted_event_attributes.accepted_request.input.name
     return ""
@@ -249,11 +279,53 @@ def print_trace(title: str, rows: list[dict[str, Any]]) -> None:
 
 
 def print_breakdowns(results: list[dict[str, Any]]) -> None:
-    print("\nwhere the time goes: mean ms per call, from the history of every measured call (join | floor)")
-    print(f"  {'spent in':<34} " + " ".join(f"{'c=' + str(lv['concurrency']):>15}" for lv in results))
+    print("\nwhere the time goes: mean ms per call, from the history of every measured call (join | before | floor)")
+    print(f"  {'spent in':<34} " + " ".join(f"{'c=' + str(lv['concurrency']):>23}" for lv in results))
     for key in (*BUCKETS, "total", "workflow tasks per call"):
-        cells = " ".join(f"{lv['breakdown']['join'][key]:7.1f} |{lv['breakdown']['floor'][key]:6.1f}" for lv in results)
+        cells = " ".join(
+            f"{b['join'][key]:7.1f} |{b['join_before'][key]:7.1f} |{b['floor'][key]:6.1f}"
+            for b in (lv["breakdown"] for lv in results)
+        )
         print(f"  {key:<34} {cells}")
+
+
+# ---- plots ----------------------------------------------------------------------------------------------------
+
+SERIES = (("join", "join", "C0"), ("join_before", "join (before)", "C1"), ("floor", "floor", "C2"),
+          ("direct", "direct", "C7"))
+
+
+def plot(results: list[dict[str, Any]]) -> list[Path]:
+    """The latency distribution at each level (CDFs), and p50/p99 against concurrency."""
+    meta = machine()
+    note = f"commit {meta['commit']}{'+' if meta['dirty'] else ''}, {meta['nproc']} cores"
+    fig, first = figure(f"Session ready: join vs baselines ({note})", "ms (log scale)", "fraction of calls")
+    fig.set_size_inches(4.5 * len(results), 4)
+    first.remove()
+    for i, level in enumerate(results):
+        ax = fig.add_subplot(1, len(results), i + 1)
+        for key, label, color in SERIES:
+            xs = level["samples"][key]
+            ax.step(xs, [(j + 1) / len(xs) for j in range(len(xs))], where="post", label=label, color=color)
+        ax.set_xscale("log")
+        ax.set_title(f"{level['concurrency']} concurrent (n={level['n']})")
+        ax.set_xlabel("ms (log scale)")
+        if i == 0:
+            ax.set_ylabel("fraction of calls")
+        ax.grid(True, alpha=0.3, which="both")
+        ax.legend(loc="lower right", fontsize="small")
+    cdf = save_plot(fig, "bench-session-ready-cdf")
+    fig, ax = figure(f"Session ready against concurrency ({note})", "concurrent joins", "ms (log scale)")
+    levels = [lv["concurrency"] for lv in results]
+    for key, label, color in SERIES[:3]:
+        ax.plot(levels, [lv[key]["p50"] for lv in results], "o-", color=color, label=f"{label} p50")
+        ax.plot(levels, [lv[key]["p99"] for lv in results], "s--", color=color, label=f"{label} p99", alpha=0.7)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xticks(levels, [str(c) for c in levels])
+    ax.tick_params(axis="x", which="minor", labelbottom=False)
+    ax.legend(fontsize="small")
+    return [cdf, save_plot(fig, "bench-session-ready-concurrency")]
 
 
 # ---- the run --------------------------------------------------------------------------------------------------
@@ -266,12 +338,15 @@ def print_level(level: dict[str, Any]) -> None:
     print(f"\nconcurrency {level['concurrency']}, n={level['n']}; milliseconds (per_s: calls completed per second)")
     print(f"  {'measure':<30} " + " ".join(f"{f:>8}" for f in FIGURES))
     for key, label in (("floor", "floor: update-with-start"), ("direct", "direct: create_room + mint"),
-                       ("join", "join -> grant"), ("end", "end -> released"), ("direct_delete", "direct: delete_room")):
+                       ("join_before", "join (before) -> grant"), ("join", "join -> grant"),
+                       ("end", "end -> released"), ("direct_delete", "direct: delete_room")):
         s = level[key]
         print(f"  {label:<30} " + " ".join(f"{s[f]:8.1f}" for f in FIGURES))
     r = level["ratios"]
     print(f"  join/floor  p50 {r['join/floor p50']:5.1f}x   p99 {r['join/floor p99']:5.1f}x")
     print(f"  join/direct p50 {r['join/direct p50']:5.1f}x   p99 {r['join/direct p99']:5.1f}x")
+    print(f"  join/before p50 {r['join/join_before p50']:5.1f}x   p99 {r['join/join_before p99']:5.1f}x"
+          f"   (before/floor p50 {r['join_before/floor p50']:4.1f}x)")
 
 
 async def run_level(bench: Bench, concurrency: int, n: int) -> tuple[dict[str, Any], dict[str, Phase]]:
@@ -279,20 +354,30 @@ async def run_level(bench: Bench, concurrency: int, n: int) -> tuple[dict[str, A
     phases = {
         "floor": await closed_loop([f"floor-{tag}-{i}" for i in range(n)], concurrency, bench.floor),
         "direct": await closed_loop([f"{DIRECT_PREFIX}{tag}-{i}" for i in range(n)], concurrency, bench.direct),
+        "join_before": await closed_loop([f"bench-{tag}-b{i}" for i in range(n)], concurrency, bench.join_before),
         "join": await closed_loop([f"bench-{tag}-{i}" for i in range(n)], concurrency, bench.join),
     }
     phases["end"] = await closed_loop([c.key for c in phases["join"].calls], concurrency, bench.end)
+    await closed_loop([c.key for c in phases["join_before"].calls], concurrency, bench.end)  # not measured
     phases["direct_delete"] = await closed_loop([c.key for c in phases["direct"].calls], concurrency,
                                                 bench.delete_direct)
     level: dict[str, Any] = {"concurrency": concurrency, "n": n}
+    for name in ("join", "join_before"):
+        failed = [c for c in phases[name].calls if c.key in bench.failed]
+        level[f"{name}_failed"] = len(failed)
+        phases[name].calls = [c for c in phases[name].calls if c.key not in bench.failed]
     for name, phase in phases.items():
         level[name] = summary(phase.ms, phase.wall_s)
+    level["samples"] = {name: sorted(phases[name].ms) for name in ("floor", "direct", "join_before", "join")}
     level["breakdown"] = {
         "join": breakdown(await traces_of(bench.client, phases["join"], bench.sessions.workflow_id)),
+        "join_before": breakdown(await traces_of(bench.client, phases["join_before"], bench.sessions.workflow_id)),
         "floor": breakdown(await traces_of(bench.client, phases["floor"], str)),
     }
     level["ratios"] = {
-        f"join/{base} {q}": level["join"][q] / level[base][q] for base in ("floor", "direct") for q in ("p50", "p99")
+        f"{what}/{base} {q}": level[what][q] / level[base][q]
+        for what, base in (("join", "floor"), ("join", "direct"), ("join", "join_before"), ("join_before", "floor"))
+        for q in ("p50", "p99")
     }
     return level, phases
 
@@ -317,12 +402,14 @@ async def main() -> None:
                         help=f"concurrency:calls, comma-separated (default {DEFAULT_LEVELS})")
     parser.add_argument("--warmup", type=int, default=3, help="sequential warm-up calls of each kind (default 3)")
     parser.add_argument("--json", default=DEFAULT_JSON, help=f"where to write the figures (default {DEFAULT_JSON})")
+    parser.add_argument("--no-plots", action="store_true", help="do not (re)draw docs/img/bench-session-ready-*.png")
     args = parser.parse_args()
     levels = parse_levels(args.levels)
     settings = Settings()
     client = await connect(settings)
     session_tq, floor_tq = f"bench-session-{uuid.uuid4().hex[:6]}", f"bench-floor-{uuid.uuid4().hex[:6]}"
-    bench = Bench(client, settings, session_tq, floor_tq)
+    before_tq = f"bench-before-{uuid.uuid4().hex[:6]}"
+    bench = Bench(client, settings, session_tq, floor_tq, before_tq)
     started_at, load_at_start = datetime.now(UTC), os.getloadavg()
     print(f"temporal {settings.temporal_address}, livekit {settings.livekit_http_url}; "
           f"{os.cpu_count()} cores, load average {load_at_start[0]:.2f}")
@@ -331,6 +418,7 @@ async def main() -> None:
     trace_concurrency: int | None = None
     left: list[str] = []
     async with build_worker(client, settings, task_queue=session_tq), \
+            build_worker(client, settings, task_queue=before_tq, patch_activation_callback=before_local_room_create), \
             Worker(client, task_queue=floor_tq, workflows=[FloorWorkflow]):
         try:
             await run_level(bench, 1, args.warmup)  # warm-up: every kind of call, discarded
@@ -338,21 +426,28 @@ async def main() -> None:
                 level, phases = await run_level(bench, concurrency, n)
                 results.append(level)
                 print_level(level)
+                if level["join_failed"] or level["join_before_failed"]:
+                    print(f"  joins with no grant (not timed): {level['join_failed']} join, "
+                          f"{level['join_before_failed']} join (before)")
                 if not traces:
-                    join_call = nearest_p50(phases["join"])
+                    for name in ("join", "join_before"):
+                        call = nearest_p50(phases[name])
+                        traces[name] = await trace(client, workflow_id_for(call.key, settings.deployment), call)
                     floor_call = nearest_p50(phases["floor"])
-                    traces["join"] = await trace(client, workflow_id_for(join_call.key, settings.deployment), join_call)
                     traces["floor"] = await trace(client, floor_call.key, floor_call)
-                    trace_concurrency = concurrency
+                    trace_concurrency = c = concurrency
+                    # Printed (and the plots drawn) as each level ends, so a run cut short keeps what it measured.
+                    print_trace(f"trace of one join (concurrency {c}, the call nearest the p50); ms after the client "
+                                "sent it", traces["join"])
+                    print_trace(f"trace of one join (before: room created by a normal activity; concurrency {c}, "
+                                "nearest the p50)", traces["join_before"])
+                    print_trace(f"trace of one floor call (concurrency {c}, nearest the p50)", traces["floor"])
+                print_breakdowns(results)
+                if not args.no_plots:
+                    for path in plot(results):
+                        print(f"plot written to {path}")
         finally:
             left = await bench.cleanup()
-    if traces:
-        c = trace_concurrency
-        print_trace(f"trace of one join (concurrency {c}, the call nearest the p50); ms after the client sent it",
-                    traces["join"])
-        print_trace(f"trace of one floor call (concurrency {c}, nearest the p50)", traces["floor"])
-    if results:
-        print_breakdowns(results)
     print(f"\ncleanup: {len(bench.ended)} sessions ended, {len(bench.deleted)} direct rooms deleted, "
           f"{len(left)} of the benchmark's rooms still on LiveKit{': ' + ', '.join(left) if left else ''}")
     out = {

@@ -94,6 +94,24 @@ class Settings(BaseSettings):
     # media worker's CPU in a profile (docs/benchmarks.md, capacity).
     monitor_receive_audio: bool = Field(True, validation_alias=_env("SESSIONFLOW_MONITOR_RECEIVE_AUDIO"))
 
+    # The session worker's tuning (workers/worker.build_worker; measured in docs/benchmarks.md, "worker tuning").
+    # The defaults are the SDK's: on the 2-core development machine no other setting measured faster.
+    # Workflow tasks (and activities) one worker runs at once.
+    worker_max_concurrent_workflow_tasks: int = Field(100, ge=2, validation_alias=_env("SESSIONFLOW_WORKER_WORKFLOW_TASKS"))
+    worker_max_concurrent_activities: int = Field(100, ge=1, validation_alias=_env("SESSIONFLOW_WORKER_ACTIVITIES"))
+    # Local activities at once: every join runs two (the room create and the token) inside its first workflow task.
+    worker_max_concurrent_local_activities: int = Field(
+        100, ge=1, validation_alias=_env("SESSIONFLOW_WORKER_LOCAL_ACTIVITIES")
+    )
+    # Long polls kept open for workflow and activity tasks; with poller autoscaling on, these are the most, and the
+    # server's feedback decides how many (the SDK starts with 5 or fewer, keeps at least 1).
+    worker_workflow_task_pollers: int = Field(5, ge=2, validation_alias=_env("SESSIONFLOW_WORKER_WORKFLOW_POLLERS"))
+    worker_activity_task_pollers: int = Field(5, ge=1, validation_alias=_env("SESSIONFLOW_WORKER_ACTIVITY_POLLERS"))
+    worker_poller_autoscaling: bool = Field(False, validation_alias=_env("SESSIONFLOW_WORKER_POLLER_AUTOSCALING"))
+    # Sessions kept in the worker's memory between their workflow tasks (sticky cache): one not cached is replayed
+    # from its whole history at its next task. Each live session is one entry; more than this costs replays.
+    worker_max_cached_workflows: int = Field(1000, ge=0, validation_alias=_env("SESSIONFLOW_WORKER_CACHED_SESSIONS"))
+
     # LiveKit
     livekit_url: str = Field("ws://127.0.0.1:7880", validation_alias=_env("LIVEKIT_URL"))
     # No default: the well-known `devkey`/`secret` pair would sign valid tokens for anyone (issue 9). The local

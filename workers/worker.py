@@ -12,7 +12,7 @@ from typing import Any
 
 import structlog
 from temporalio.client import Client
-from temporalio.worker import Worker
+from temporalio.worker import PollerBehavior, PollerBehaviorAutoscaling, PollerBehaviorSimpleMaximum, Worker
 
 from activities.avatar import AvatarActivities
 from activities.livekit import LiveKitActivities
@@ -46,17 +46,32 @@ def activities_for(settings: Settings) -> list[Callable[..., Any]]:
     ]
 
 
-def build_worker(client: Client, settings: Settings, *, task_queue: str | None = None) -> Worker:
+def _pollers(maximum: int, autoscaling: bool) -> PollerBehavior:
+    if autoscaling:
+        return PollerBehaviorAutoscaling(minimum=1, maximum=maximum, initial=min(5, maximum))
+    return PollerBehaviorSimpleMaximum(maximum=maximum)
+
+
+def build_worker(client: Client, settings: Settings, *, task_queue: str | None = None, **options: Any) -> Worker:
+    """The session worker, tuned by the `worker_*` settings; `options` (keyword arguments of `Worker`) win over
+    them (the benchmark's `patch_activation_callback`)."""
     return Worker(
         client,
         task_queue=task_queue or settings.task_queue,
         workflows=WORKFLOWS,
         activities=activities_for(settings),
+        max_concurrent_workflow_tasks=settings.worker_max_concurrent_workflow_tasks,
+        max_concurrent_activities=settings.worker_max_concurrent_activities,
+        max_concurrent_local_activities=settings.worker_max_concurrent_local_activities,
+        max_cached_workflows=settings.worker_max_cached_workflows,
+        workflow_task_poller_behavior=_pollers(settings.worker_workflow_task_pollers, settings.worker_poller_autoscaling),
+        activity_task_poller_behavior=_pollers(settings.worker_activity_task_pollers, settings.worker_poller_autoscaling),
         # A crashed worker's sessions move to another worker after this, not after the default 10 s.
         sticky_queue_schedule_to_start_timeout=timedelta(seconds=3),
         # On SIGTERM, running activities get this long to finish before they are handed over.
         graceful_shutdown_timeout=timedelta(seconds=5),
         max_heartbeat_throttle_interval=timedelta(seconds=5),
+        **options,
     )
 
 

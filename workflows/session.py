@@ -19,7 +19,7 @@ from typing import Any, NoReturn, TypeVar
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy, SearchAttributeUpdate
-from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_exception
+from temporalio.exceptions import ActivityError, ApplicationError, FailureError, is_cancelled_exception
 from temporalio.workflow import ActivityCancellationType
 
 with workflow.unsafe.imports_passed_through():
@@ -124,6 +124,8 @@ PATCH_SUPPORT_SEARCH_ATTRIBUTES = "support-search-attributes"
 PATCH_ROOM_MONITOR = "room-monitor"  # a room monitor (media task queue) reports tracks, quality, room loss
 # The monitor also watches the avatar's audio (a silent avatar is replaced) and reports its first video frames.
 PATCH_AVATAR_MEDIA_WATCH = "avatar-media-watch"
+# The room is created by a local activity: a join (update-with-start) is answered in the session's first workflow task.
+PATCH_LOCAL_ROOM_CREATE = "local-room-create"
 
 # The room monitor: its worker's death shows within this. Its task queue is the starter's choice (this memo key;
 # an empty or missing one runs no monitor, e.g. time-skipping tests, where a long activity would stop the clock).
@@ -260,9 +262,16 @@ class SessionWorkflow:
                 case PublishAvatarSessions(ids):
                     workflow.upsert_search_attributes([AVATAR_SESSION_ID.value_set(list(ids))])
                 case CreateRoom(request):
+                    # Same timeout and retries either way. As a local activity it runs inside the workflow task that
+                    # asked for it (the first one: the join's update is answered there, with no round trip through
+                    # the server); QUICK's backoffs (at most 5 s) stay under the local retry threshold (1 min), so
+                    # every retry runs in the worker too, the workflow task kept open meanwhile. A worker lost in
+                    # the middle re-runs it on the next (CreateRoom is idempotent by name); one that gives up leaves
+                    # the room MAYBE, deleted as before.
                     self._spawn(self._run(
                         "create_room", request, f"create room {request.room}", RoomCreated, RoomCreateFailed,
                         start_to_close_timeout=timedelta(seconds=20), retry_policy=QUICK,
+                        local=workflow.patched(PATCH_LOCAL_ROOM_CREATE),
                     ))
                 case DeleteRoom(room):
                     self._spawn(self._run(
@@ -329,20 +338,33 @@ class SessionWorkflow:
         start_to_close_timeout: timedelta,
         retry_policy: RetryPolicy,
         heartbeat_timeout: timedelta | None = None,
+        local: bool = False,
     ) -> None:
         """One activity for one command; its result goes back to the machine as an event. Cleanup steps
-        (`failed` None) retry until they succeed: a failure reaching here is a bug."""
+        (`failed` None) retry until they succeed: a failure reaching here is a bug. `local`: run it as a local
+        activity (in this worker, inside the current workflow task; no heartbeat)."""
         try:
-            await workflow.execute_activity(
-                activity,
-                arg,
-                summary=summary,
-                start_to_close_timeout=start_to_close_timeout,
-                retry_policy=retry_policy,
-                heartbeat_timeout=heartbeat_timeout,  # None: the SDK's own default (no heartbeat)
-            )
-        except ActivityError as e:
-            if failed is None:
+            if local:
+                await workflow.execute_local_activity(
+                    activity,
+                    arg,
+                    summary=summary,
+                    start_to_close_timeout=start_to_close_timeout,
+                    retry_policy=retry_policy,
+                )
+            else:
+                await workflow.execute_activity(
+                    activity,
+                    arg,
+                    summary=summary,
+                    start_to_close_timeout=start_to_close_timeout,
+                    retry_policy=retry_policy,
+                    heartbeat_timeout=heartbeat_timeout,  # None: the SDK's own default (no heartbeat)
+                )
+        except (ActivityError, FailureError) as e:
+            # A local activity's failure may arrive as its own error (an `ApplicationError` of the activity, a
+            # timeout), not wrapped in an `ActivityError`; anything else is not a failure of the call.
+            if failed is None or not (isinstance(e, ActivityError) or local):
                 raise
             self._apply(failed(_describe(e)))
             return

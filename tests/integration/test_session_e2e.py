@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from livekit import api, rtc
 from livekit.rtc.participant import PublishTrackError
+from temporalio.api.enums.v1 import EventType
 from temporalio.client import WorkflowExecutionStatus
 from temporalio.service import RPCError
 
@@ -74,6 +75,36 @@ async def test_a_full_avatar_interview_releases_its_room_and_avatar(
     assert outcome.avatar_sessions == [avatar_id] and outcome.participants_joined == ["cand"]
     assert outcome.live_seconds > 0 and outcome.avatar_seconds > 0
     await record_history(handle, "full_avatar_interview")
+
+
+async def test_a_join_is_answered_in_the_sessions_first_workflow_task(
+    sessions: SessionClient, livekit: api.LiveKitAPI
+) -> None:
+    """One round trip through the server per join (`local-room-create`): the first workflow task creates the room,
+    mints the token (both local activities, markers in history) and answers the update."""
+    spec = interview(avatar=None)
+    grant = await sessions.join(spec, "cand")
+    assert await room_names(livekit, spec.room_name) == [spec.room_name]  # the room the grant is for exists
+    events = (await sessions.handle(spec.session_id).fetch_history()).events
+    answered = next(
+        i for i, e in enumerate(events) if e.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_COMPLETED
+    )
+    before = [e.event_type for e in events[:answered]]
+    assert before.count(EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED) == 1, [EventType.Name(t) for t in before]
+    scheduled = {
+        e.activity_task_scheduled_event_attributes.activity_type.name for e in events[:answered]
+        if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
+    }
+    assert not scheduled & {"create_room", "mint_participant_token"}  # no activity round trip on the join's path
+    local = [
+        e.marker_recorded_event_attributes.marker_name for e in events[:answered]
+        if e.event_type == EventType.EVENT_TYPE_MARKER_RECORDED
+        and e.marker_recorded_event_attributes.marker_name == "core_local_activity"
+    ]
+    assert len(local) == 2  # the room create, then the token
+    assert grant.room == spec.room_name and grant.identity == "cand"
+    await sessions.end(spec.session_id, "checked")
+    assert await room_names(livekit, spec.room_name) == []
 
 
 async def test_an_observer_can_watch_but_not_publish(sessions: SessionClient, livekit: api.LiveKitAPI) -> None:

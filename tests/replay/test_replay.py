@@ -46,6 +46,11 @@ EXPECTED = {
     *(f"{name}.v5" for name in ("interview_happy_path", "coaching_happy_path", "consent_recording", "consent_recording_refused")),
     # The status upsert carries SessionDegraded, SessionEndReason, AvatarBilledSeconds ("support-search-attributes").
     *(f"{name}.v6" for name in ("interview_happy_path", "avatar_crash_and_replacement", "cancel")),
+    # The room created by a local activity, the join answered in the first workflow task ("local-room-create"):
+    # update-with-start, LiveKit down at the create (retried in the worker), a final refusal, a lost room re-created.
+    *(f"{name}.v7-local-room" for name in (
+        "join_with_start", "interview_happy_path", "livekit_down", "room_create_fails", "monitor_room_lost",
+    )),
     # The room monitor (workflow.patched("room-monitor")): its reports, a lost room, a frozen avatar.
     *(f"{name}.v4" for name in ("monitor_quality_and_tracks", "monitor_room_lost", "monitor_avatar_frozen")),
     # The monitor watches the avatar's audio and first frames (workflow.patched("avatar-media-watch")).

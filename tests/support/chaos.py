@@ -36,7 +36,7 @@ import aiohttp
 import httpx
 import pytest
 from livekit import api, rtc
-from temporalio.api.enums.v1 import PendingActivityState
+from temporalio.api.enums.v1 import EventType, PendingActivityState
 from temporalio.client import WorkflowExecutionStatus
 from temporalio.service import RPCError, RPCStatusCode
 
@@ -67,6 +67,8 @@ STACK_ENV = {
 # How LiveAvatar says "stopped by the API caller": anything else on a session we held was the vendor cleaning up.
 RELEASED_BY_US = "USER_CLOSED"
 POLL_S = 0.25
+# Activities a session runs as local activities (workflow.patched("local-room-create")): no pending activity shows them.
+LOCAL_ACTIVITIES = {"create_room"}
 # What a service that is down, paused or restarting answers (LiveKit's server API is aiohttp, the emulator httpx).
 LIVEKIT_DOWN = (aiohttp.ClientError, OSError, TimeoutError, api.ServerError)
 EMULATOR_DOWN = (httpx.HTTPError,)
@@ -336,7 +338,8 @@ class Scenario:
         """Wait until ``activity`` of the session is running on a worker (other than ``not_on``); its identity."""
 
         async def check() -> str | None:
-            desc = await self.client.handle(spec.session_id).describe()
+            handle = self.client.handle(spec.session_id)
+            desc = await handle.describe()
             for pa in desc.raw_description.pending_activities:
                 if (
                     pa.activity_type.name == activity
@@ -344,10 +347,28 @@ class Scenario:
                     and pa.last_worker_identity != not_on
                 ):
                     return pa.last_worker_identity
+            if activity in LOCAL_ACTIVITIES:
+                return await self._running_local(handle, not_on)
             return None
 
         where = f" on a worker other than {not_on}" if not_on else ""
         return await eventually(check, what=f"{spec.session_id}: {activity} running{where}", timeout=timeout, every=0.2)
+
+    @staticmethod
+    async def _running_local(handle: Any, not_on: str | None) -> str | None:
+        """The worker running a local activity of the session that has not finished: one runs inside a workflow task
+        (no pending activity to see), which the worker completes every ~8 s while it runs (the SDK's workflow task
+        heartbeat, `force_create_new_workflow_task`) and keeps on its sticky queue. So: no local activity's marker
+        since, and a workflow task completed by that worker, which holds the next one."""
+        identity: str | None = None
+        async for event in handle.fetch_history_events():
+            if event.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED:
+                identity = event.workflow_task_completed_event_attributes.identity
+            elif event.event_type == EventType.EVENT_TYPE_MARKER_RECORDED and (
+                event.marker_recorded_event_attributes.marker_name == "core_local_activity"
+            ):
+                identity = None  # finished (the room created, or given up)
+        return identity if identity and identity != not_on else None
 
     async def kill_worker_running(self, spec: SessionSpec, activity: str) -> str:
         """kill -9 the worker that runs ``activity`` of the session, then start a replacement. Its identity."""

@@ -157,6 +157,22 @@ async def coaching_happy_path(env: WorkflowEnvironment) -> Handle:
         return handle
 
 
+async def join_with_start(env: WorkflowEnvironment) -> Handle:
+    """The join as a backend sends it: update-with-start, answered in the session's first workflow task (the room
+    created and the token minted by local activities, `workflow.patched("local-room-create")`), then a second join."""
+    async with rig(env, StubWorld()) as r:
+        s = spec("join-with-start", avatar={"avatar_id": AVATAR})
+        await r.sessions.join(s, "cand")
+        handle = r.sessions.handle(s.session_id)
+        await r.signal(handle, RoomEventKind.PARTICIPANT_JOINED, "cand")
+        await r.state_is(s, lambda st: st.avatar_session_id is not None, "the avatar to be recorded")
+        await r.sessions.join(s, "panel")
+        await r.signal(handle, RoomEventKind.PARTICIPANT_JOINED, "panel")
+        await r.sessions.end(s.session_id, "interview over")
+        await handle.result()
+        return handle
+
+
 async def avatar_crash_and_replacement(env: WorkflowEnvironment) -> Handle:
     world = ScriptedWorld(settle=True)
     async with rig(env, world) as r:
@@ -504,6 +520,6 @@ SCENARIOS: dict[str, Callable[[WorkflowEnvironment], Awaitable[Handle]]] = {
         interview_happy_path, coaching_happy_path, avatar_crash_and_replacement, avatar_rotation, participant_lost,
         no_show, max_duration, extend, end_during_avatar_start, cancel, terminate_live, worker_killed_mid_start,
         livekit_down, room_create_fails, cancel_after_end, consent_recording, consent_recording_refused,
-        monitor_quality_and_tracks, monitor_room_lost, monitor_avatar_frozen, monitor_avatar_silent,
+        monitor_quality_and_tracks, monitor_room_lost, monitor_avatar_frozen, monitor_avatar_silent, join_with_start,
     )
 }

@@ -192,7 +192,9 @@ class ScriptedWorld:
 
     async def _hold(self, activity_name: str, key: str) -> Outcome:
         info = activity.info()
-        if info.attempt == 1:
+        # A local activity (the room create) cut short by a worker's loss runs again from attempt 1 on the next
+        # worker: the same operation, still unsettled, not a second one.
+        if info.attempt == 1 and (activity_name, key) not in self.unsettled:
             self.first_calls[(activity_name, key)] += 1
             self.unsettled.add((activity_name, key))
         call = Call(activity_name, key, asyncio.get_running_loop().create_future())

@@ -38,3 +38,13 @@ async def test_the_timeline_tells_each_consent_and_the_recording_it_started_and_
     assert [line for line in lines if line.startswith("done: stop recording")] == [
         "done: stop recording EG_1", "done: stop recording EG_2"
     ]
+
+
+async def test_the_timeline_shows_the_room_created_by_a_local_activity_before_the_join_is_answered() -> None:
+    recorded = HISTORY.with_name("join_with_start.v7-local-room.json")  # workflow.patched("local-room-create")
+    converter = corpus_data_converter()
+    history = await decode_history(WorkflowHistory.from_json("t", recorded.read_text()), converter.payload_codec)
+    lines = [m.text for m in timeline(history, converter)]
+    room = next(line for line in lines if line.startswith("done: create room "))  # a marker now, not activity events
+    assert lines.index(room) < lines.index("done: token for cand (candidate)")
+    assert "join requested (cand)" in lines
