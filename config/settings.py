@@ -17,6 +17,8 @@ from typing import Annotated, Any, Self
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from workflows.models import CONTINUE_AS_NEW_MIN_EVENTS
+
 # The LiveAvatar emulator accepts this key; it is not a credential for anything real.
 LOCAL_LIVEAVATAR_API_KEY = "emulator-dev-key"
 # LiveAvatar's public sandbox avatar ("Wayne"); the emulator accepts any uuid.
@@ -89,6 +91,11 @@ class Settings(BaseSettings):
     media_task_queue: str = Field("session-media", validation_alias=_env("SESSIONFLOW_MEDIA_TASK_QUEUE"))
     # How many rooms one media worker watches at once (each monitor is one long-running activity).
     media_max_sessions: int = Field(200, ge=1, validation_alias=_env("SESSIONFLOW_MEDIA_MAX_SESSIONS"))
+    # A session continues as new once its history has this many events (carried to it in the memo, like the media
+    # task queue); 0: only when the Temporal server suggests it (about 4k events or 4 MB by default).
+    continue_as_new_after_events: int = Field(
+        0, ge=0, validation_alias=_env("SESSIONFLOW_CONTINUE_AS_NEW_AFTER_EVENTS")
+    )
 
     # LiveKit
     livekit_url: str = Field("ws://127.0.0.1:7880", validation_alias=_env("LIVEKIT_URL"))
@@ -155,6 +162,16 @@ class Settings(BaseSettings):
     # Logging
     log_format: str = Field("auto", validation_alias=_env("SESSIONFLOW_LOG_FORMAT"))  # auto | json | console
     log_level: str = Field("INFO", validation_alias=_env("SESSIONFLOW_LOG_LEVEL"))
+
+    @field_validator("continue_as_new_after_events")
+    @classmethod
+    def _continue_as_new_floor(cls, value: int) -> int:
+        if 0 < value < CONTINUE_AS_NEW_MIN_EVENTS:
+            raise ValueError(
+                f"SESSIONFLOW_CONTINUE_AS_NEW_AFTER_EVENTS must be 0 (the server decides) or at least "
+                f"{CONTINUE_AS_NEW_MIN_EVENTS}: a new run's own first events must not make it continue again"
+            )
+        return value
 
     @field_validator("api_keys", mode="before")
     @classmethod

@@ -19,7 +19,7 @@ from temporalio.worker import Replayer
 from temporalio.workflow import NondeterminismError
 
 from tests.support.mutations import MUTATIONS
-from workflows.machine import SessionMachine
+from workflows.machine import CarriedSession, SessionMachine
 from workflows.models import SessionOutcome, SessionSpec
 from workflows.session import QUICK, SessionWorkflow
 
@@ -87,9 +87,9 @@ class SessionWorkflowWithAnExtraStep(SessionWorkflow):
     """A careless change: one more activity before the session starts, without `workflow.patched`."""
 
     @workflow.run
-    async def run(self, spec: SessionSpec) -> SessionOutcome:
+    async def run(self, start: SessionSpec | CarriedSession) -> SessionOutcome:
         await workflow.execute_activity("prewarm_avatar", start_to_close_timeout=timedelta(seconds=5), retry_policy=QUICK)
-        return await super().run(spec)
+        return await super().run(start)
 
 
 @pytest.mark.parametrize("history", ["full_avatar_interview", "interview_happy_path.v2"])
