@@ -33,8 +33,9 @@ from workflows.search_attributes import SEARCH_ATTRIBUTES
 # room monitor's) participant tokens bounded by the hard cap (`workflow.patched("token-ttl-within-session")`) and
 # rooms named with the deployment (`session-<deployment>-<id>`); v4 the room monitor
 # (`workflow.patched("room-monitor")`), recorded on its own branch; v6 the status upsert carrying support's search
-# attributes (`workflow.patched("support-search-attributes")`).
-CORPUS_VERSION = "v6"
+# attributes (`workflow.patched("support-search-attributes")`); v7 continue-as-new (`workflow.patched("continue-as-new")`):
+# the first run of a session that continued as new, and its last run, started from the carried state.
+CORPUS_VERSION = "v7"
 HISTORIES = Path(__file__).parent / "histories"
 
 
