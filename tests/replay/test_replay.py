@@ -48,6 +48,9 @@ EXPECTED = {
     *(f"{name}.v6" for name in ("interview_happy_path", "avatar_crash_and_replacement", "cancel")),
     # The room monitor (workflow.patched("room-monitor")): its reports, a lost room, a frozen avatar.
     *(f"{name}.v4" for name in ("monitor_quality_and_tracks", "monitor_room_lost", "monitor_avatar_frozen")),
+    # Continue-as-new (workflow.patched("continue-as-new")): a first run ending in the switch, a last run started
+    # from the carried state.
+    "continue_as_new.v7", "continued_as_new.v7",
 }
 
 
