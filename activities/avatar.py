@@ -193,7 +193,11 @@ class AvatarActivities:
         room = activity.info().workflow_id or ""
         context = {"avatar_session_id": avatar_session_id, "room": room}
         try:
-            if not room.startswith(ROOM_PREFIX) or not owner_gone(await session_workflow_statuses(activity.client(), room)):
+            if not room.startswith(ROOM_PREFIX):
+                return
+            if not owner_gone(await session_workflow_statuses(activity.client(), room)):
+                # This run closed but the session runs on (it continued as new; its new run keeps the avatar alive).
+                activity.logger.info("keep-alive net: the session runs on in another run, released nothing", extra=context)
                 return
         except Exception as e:
             activity.logger.warning(

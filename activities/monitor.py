@@ -29,6 +29,7 @@ from livekit.rtc._ffi_client import FfiClient
 from livekit.rtc._proto import ffi_pb2 as proto_ffi
 from pydantic import BaseModel, Field
 from temporalio import activity
+from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
 from activities.livekit import mint_monitor_token
@@ -126,6 +127,13 @@ class RoomMonitor:
                 reason = await self._follow(room)
             finally:
                 await self._leave(room)
+            if reason == rtc.DisconnectReason.DUPLICATE_IDENTITY:
+                # Another monitor of this session joined in our place: a retried attempt, or the next run's monitor
+                # once the session continued as new. Never fight back (each rejoin would kick the other out); fail
+                # retryably instead: a stale attempt's failure goes nowhere, a current one's retry takes the room back.
+                raise ApplicationError(
+                    f"another room monitor of {self._inp.room} joined in this one's place", type="MonitorReplaced"
+                )
             if reason == rtc.DisconnectReason.ROOM_DELETED:
                 # Deleted on purpose (the session's end, or someone else): the webhook's room_finished, in case
                 # it never comes. The session cancels this monitor when it ends.

@@ -17,6 +17,8 @@ from typing import Annotated, Any, Self
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from workflows.models import CONTINUE_AS_NEW_MIN_EVENTS
+
 # The LiveAvatar emulator accepts this key; it is not a credential for anything real.
 LOCAL_LIVEAVATAR_API_KEY = "emulator-dev-key"
 # LiveAvatar's public sandbox avatar ("Wayne"); the emulator accepts any uuid.
@@ -111,6 +113,11 @@ class Settings(BaseSettings):
     # Sessions kept in the worker's memory between their workflow tasks (sticky cache): one not cached is replayed
     # from its whole history at its next task. Each live session is one entry; more than this costs replays.
     worker_max_cached_workflows: int = Field(1000, ge=0, validation_alias=_env("SESSIONFLOW_WORKER_CACHED_SESSIONS"))
+    # A session continues as new once its history has this many events (carried to it in the memo, like the media
+    # task queue); 0: only when the Temporal server suggests it (about 4k events or 4 MB by default).
+    continue_as_new_after_events: int = Field(
+        0, ge=0, validation_alias=_env("SESSIONFLOW_CONTINUE_AS_NEW_AFTER_EVENTS")
+    )
 
     # LiveKit
     livekit_url: str = Field("ws://127.0.0.1:7880", validation_alias=_env("LIVEKIT_URL"))
@@ -177,6 +184,16 @@ class Settings(BaseSettings):
     # Logging
     log_format: str = Field("auto", validation_alias=_env("SESSIONFLOW_LOG_FORMAT"))  # auto | json | console
     log_level: str = Field("INFO", validation_alias=_env("SESSIONFLOW_LOG_LEVEL"))
+
+    @field_validator("continue_as_new_after_events")
+    @classmethod
+    def _continue_as_new_floor(cls, value: int) -> int:
+        if 0 < value < CONTINUE_AS_NEW_MIN_EVENTS:
+            raise ValueError(
+                f"SESSIONFLOW_CONTINUE_AS_NEW_AFTER_EVENTS must be 0 (the server decides) or at least "
+                f"{CONTINUE_AS_NEW_MIN_EVENTS}: a new run's own first events must not make it continue again"
+            )
+        return value
 
     @field_validator("api_keys", mode="before")
     @classmethod

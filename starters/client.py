@@ -48,7 +48,7 @@ from workflows.models import (
     workflow_id_for,
 )
 from workflows.search_attributes import DEPLOYMENT, PARTICIPANT_IDS, SESSION_ID, SESSION_KIND, SESSION_STATUS, participant_id
-from workflows.session import MEDIA_QUEUE_MEMO, SessionWorkflow
+from workflows.session import CONTINUE_AS_NEW_MEMO, MEDIA_QUEUE_MEMO, SessionWorkflow
 
 
 class SessionError(Exception):
@@ -355,10 +355,18 @@ class SessionClient:
                 ]
             ),
             # The room monitor's task queue (read by the workflow, which has no settings of its own).
-            "memo": {MEDIA_QUEUE_MEMO: self.settings.media_task_queue},
+            "memo": self._memo(),
             "static_summary": _summary(spec),
             "static_details": _details(spec),
         }
+
+    def _memo(self) -> dict[str, Any]:
+        """What the workflow reads of this starter's settings (it has none of its own): the room monitor's task
+        queue, and when a long session continues as new (none given: when the server suggests it)."""
+        memo: dict[str, Any] = {MEDIA_QUEUE_MEMO: self.settings.media_task_queue}
+        if self.settings.continue_as_new_after_events:
+            memo[CONTINUE_AS_NEW_MEMO] = self.settings.continue_as_new_after_events
+        return memo
 
     async def end(self, session_id: str, reason: str = "ended by request") -> SessionOutcome:
         """End the session; returns its outcome once its room and avatar are released.

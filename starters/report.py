@@ -20,7 +20,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from starters.client import InvalidInput, SessionClient, SessionEnded, SessionNotFound
 from starters.text import table
-from starters.timeline import Moment, render, timeline
+from starters.timeline import Moment, render, session_histories, timeline
 from workers.codec import decode_history
 from workflows.models import ROOM_PREFIX, AvatarBilling, EndReason, Handoff, Identity, SessionKind, SessionStatus
 from workflows.search_attributes import (
@@ -83,7 +83,11 @@ async def read_session(sessions: SessionClient, session_id: str) -> SessionRepor
         status=attributes.get(SESSION_STATUS),
         started_at=desc.start_time,
         ended_at=desc.close_time,
-        moments=timeline(await decode_history(await handle.fetch_history(), converter.payload_codec), converter),
+        # Every run of the session, first to last: a long session continues as new, its story does not restart.
+        moments=timeline(
+            [await decode_history(h, converter.payload_codec) for h in await session_histories(sessions.client, handle.id)],
+            converter,
+        ),
         ui_url=sessions.ui_url(session_id),
     )
     if desc.status is WorkflowExecutionStatus.RUNNING:

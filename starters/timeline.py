@@ -1,17 +1,19 @@
 """A session's story, read from its Temporal history: what support sees, as plain lines.
 
-Used by `sessionflow show` and the demo. Each line is (seconds since start, text).
+Used by `sessionflow show` and the demo. Each line is (seconds since start, text). A long session continues as
+new: its story is the chain of its runs, first to last (`session_histories`), told as one.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
 from temporalio.api.common.v1 import Payload, Payloads
 from temporalio.api.enums.v1 import EventType
 from temporalio.api.history.v1 import HistoryEvent
-from temporalio.client import WorkflowHistory
+from temporalio.client import Client, WorkflowHistory
 from temporalio.converter import DataConverter
 
 
@@ -46,8 +48,21 @@ def _time(event: HistoryEvent) -> datetime:
     return event.event_time.ToDatetime()
 
 
-def timeline(history: WorkflowHistory, converter: DataConverter) -> list[Moment]:
-    """The moments of one session's history, in order."""
+async def session_histories(client: Client, workflow_id: str) -> list[WorkflowHistory]:
+    """The histories of every run of session workflow `workflow_id` (its latest run's, followed back through each
+    run it continued from), first run first."""
+    chain = [await client.get_workflow_handle(workflow_id).fetch_history()]
+    while True:
+        started = chain[0].events[0].workflow_execution_started_event_attributes
+        if not started.continued_execution_run_id:
+            return chain
+        previous = client.get_workflow_handle(workflow_id, run_id=started.continued_execution_run_id)
+        chain.insert(0, await previous.fetch_history())
+
+
+def timeline(history: WorkflowHistory | Sequence[WorkflowHistory], converter: DataConverter) -> list[Moment]:
+    """The moments of one session's history (or of the chain of its runs, first to last), in order."""
+    runs = [history] if isinstance(history, WorkflowHistory) else list(history)
     moments: list[Moment] = []
     summaries: dict[int, str] = {}  # scheduled event id -> what that activity or timer does
     updates: dict[str, str] = {}  # update id -> name
@@ -58,11 +73,13 @@ def timeline(history: WorkflowHistory, converter: DataConverter) -> list[Moment]
     def add(event: HistoryEvent, text: str) -> None:
         moments.append(Moment((_time(event) - start).total_seconds() if start else 0.0, text))
 
-    for e in history.events:
+    for e in (event for run in runs for event in run.events):
         t = e.event_type
         if t == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_STARTED:
-            start = _time(e)
-            add(e, "session workflow started")
+            summaries.clear()  # event ids start again in each run
+            if start is None:
+                start = _time(e)
+                add(e, "session workflow started")
         elif t in (EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED, EventType.EVENT_TYPE_TIMER_STARTED):
             name = (
                 e.activity_task_scheduled_event_attributes.activity_type.name
@@ -120,6 +137,8 @@ def timeline(history: WorkflowHistory, converter: DataConverter) -> list[Moment]
             add(e, "cancel requested")
         elif t == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED:
             add(e, "session workflow completed")
+        elif t == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CONTINUED_AS_NEW:
+            add(e, f"session continued as new after {e.event_id} history events (same room, avatar and people)")
         elif t == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_FAILED:
             add(e, f"session workflow FAILED: {e.workflow_execution_failed_event_attributes.failure.message}")
         elif t == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CANCELED:

@@ -22,10 +22,14 @@ order, so they are deduplicated by event id and tolerated in any state.
 
 from __future__ import annotations
 
+import copy
 from collections import deque
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, PlainSerializer
 
 from workflows.models import (
     AvatarBilling,
@@ -65,6 +69,9 @@ DEPARTURE_MARGIN = timedelta(minutes=1)
 # Besides the roster, the room holds the engine's own participants: the avatar and the room monitor.
 ENGINE_PARTICIPANTS = 2
 SEEN_EVENT_IDS = 512  # room events are deduplicated over this many recent ids
+
+# A set of names in the carried state (`CarriedSession`) is written sorted: the same state, the same payload.
+Names = Annotated[set[str], PlainSerializer(sorted, return_type=list[str])]
 
 # ---- events: what happened ---------------------------------------------------------------------------------
 
@@ -584,15 +591,15 @@ class Recording:
     phase: RecordingPhase = RecordingPhase.IDLE
     egress_id: str | None = None  # the live (or stopping) egress
     egress_ids: list[str] = field(default_factory=list)
-    consented: set[str] = field(default_factory=set)
+    consented: Names = field(default_factory=set)
     consents: list[ConsentEvent] = field(default_factory=list)
     detail: str | None = None
 
 
 @dataclass
 class People:
-    present: set[str] = field(default_factory=set)
-    admitted: set[str] = field(default_factory=set)
+    present: Names = field(default_factory=set)
+    admitted: Names = field(default_factory=set)
     joined: list[str] = field(default_factory=list)
     reconnect_by: dict[str, datetime] = field(default_factory=dict)
 
@@ -618,7 +625,7 @@ class RoomWatch:
     quality: dict[str, ConnectionLevel] = field(default_factory=dict)
     degraded: dict[str, Degradation] = field(default_factory=dict)  # identity -> why it degrades the session
     heard: dict[str, Heard] = field(default_factory=dict)
-    gone_sids: dict[str, set[str]] = field(default_factory=dict)  # connections that left, per identity
+    gone_sids: dict[str, Names] = field(default_factory=dict)  # connections that left, per identity
     lost_at: datetime | None = None  # the room vanished then; it is being re-created
     connection_lost_since: dict[str, datetime] = field(default_factory=dict)  # candidates whose quality is LOST
     avatar_after_room: bool = False  # the avatar was lost with the room: start a fresh one into the new room
@@ -678,6 +685,43 @@ class Ending:
     decided_at: datetime
 
 
+# ---- the state carried into the next run ------------------------------------------------------------------
+
+CARRIED_VERSION: Literal[1] = 1
+
+
+class CarriedSession(BaseModel):
+    """Everything the machine knows, carried into the next run when a long session continues as new.
+
+    Strict and versioned like every payload (and encrypted by the payload codec with them): a run that reads a
+    version it does not know fails its workflow task loudly (fixed by a deploy), never guesses. Times are
+    absolute, so every deadline (max duration, no-show, reconnect grace, avatar backoff and rotation, a lost
+    connection's clock) stands as it was; resources keep their ids and phases, so nothing is created again.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    version: Literal[1] = CARRIED_VERSION
+    spec: SessionSpec  # as the session was started: it never changes
+    runs: int  # runs before the one this state is carried into (1 for the first continue-as-new)
+    started_at: datetime
+    deadline: datetime
+    status: SessionStatus
+    room: Room
+    avatars: dict[str, AvatarSession]  # in the order they were recorded (a JSON object keeps its order)
+    avatar: AvatarPlan
+    people: People
+    ending: Ending | None
+    live_since: datetime | None
+    ended_at: datetime | None
+    recoveries: list[str]
+    recording: Recording
+    ever_degraded: bool
+    seen_event_ids: list[str]  # oldest first, at most SEEN_EVENT_IDS
+    room_watch: RoomWatch
+    clock: HandoffClock
+
+
 # ---- the machine -------------------------------------------------------------------------------------------
 
 
@@ -700,6 +744,81 @@ class SessionMachine:
         self._seen: deque[str] = deque(maxlen=SEEN_EVENT_IDS)
         self.room_watch = RoomWatch()
         self.clock = HandoffClock()
+        self.runs = 1  # this run and the ones it continued from
+
+    # -- continue-as-new -----------------------------------------------------------------------------------
+
+    def carry(self) -> CarriedSession:
+        """The whole state, for the next run (a deep copy: the machine goes on unchanged)."""
+        mine = copy.deepcopy
+        return CarriedSession(
+            spec=self.spec,
+            runs=self.runs,
+            started_at=self.started_at,
+            deadline=self.deadline,
+            status=self.status,
+            room=self.room,
+            avatars=mine(self.avatars),
+            avatar=mine(self.avatar),
+            people=mine(self.people),
+            ending=self.ending,
+            live_since=self.live_since,
+            ended_at=self.ended_at,
+            recoveries=list(self.recoveries),
+            recording=mine(self.recording),
+            ever_degraded=self.ever_degraded,
+            seen_event_ids=list(self._seen),
+            room_watch=mine(self.room_watch),
+            clock=mine(self.clock),
+        )
+
+    @classmethod
+    def carried(cls, state: CarriedSession) -> SessionMachine:
+        """The machine of a run that continued from another, exactly as that one left it. `resume()` says
+        which long-running watchers to start again."""
+        machine = cls(state.spec, state.started_at)
+        mine = copy.deepcopy
+        machine.deadline = state.deadline
+        machine.status = state.status
+        machine.room = state.room
+        machine.avatars = mine(state.avatars)
+        machine.avatar = mine(state.avatar)
+        machine.people = mine(state.people)
+        machine.ending = state.ending
+        machine.live_since = state.live_since
+        machine.ended_at = state.ended_at
+        machine.recoveries = list(state.recoveries)
+        machine.recording = mine(state.recording)
+        machine.ever_degraded = state.ever_degraded
+        machine._seen.extend(state.seen_event_ids)
+        machine.room_watch = mine(state.room_watch)
+        machine.clock = mine(state.clock)
+        machine.runs = state.runs + 1
+        return machine
+
+    @property
+    def quiet(self) -> bool:
+        """Nothing one-shot is on its way (room create or delete, avatar create, start or stop, recording start
+        or stop, a keep-alive winding down) and the session is not ending: the state can move to a new run, and
+        only the long-running watchers (keep-alives, the room monitor) need starting again there."""
+        return (
+            self.ending is None
+            and self.room.phase in (RoomPhase.NONE, RoomPhase.LIVE)
+            and self.avatar.creating is None
+            and all(a.phase is AvatarPhase.LIVE if a.keepalive else a.phase is AvatarPhase.STOPPED
+                    for a in self.avatars.values())
+            and self.recording.phase not in (RecordingPhase.STARTING, RecordingPhase.STOPPING)
+        )
+
+    def resume(self) -> list[Command]:
+        """The first commands of a run that continued from another: the watchers the last run had running
+        (each avatar session's keep-alive, the room monitor), and nothing else: no room, no avatar is created or
+        started again, and billing runs on as it was."""
+        commands: list[Command] = [KeepAvatarAlive(a.id) for a in self.avatars.values() if a.keepalive]
+        if self.room_watch.running:
+            self.room_watch.running = False  # started again just below
+            commands += self._start_monitor()
+        return commands
 
     # -- reading -------------------------------------------------------------------------------------------
 

@@ -22,7 +22,7 @@ CLOSED = (SessionStatus.ENDED, SessionStatus.FAILED)
 class SessionMetrics:
     """One session's counters, labelled with its kind."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, machine: SessionMachine) -> None:
         meter = workflow.metric_meter().with_additional_attributes({"session_kind": kind})
         self._started = meter.create_counter("sessionflow_sessions_started", "sessions whose workflow began")
         self._closed = meter.create_counter("sessionflow_sessions_closed", "sessions closed, by end reason")
@@ -34,7 +34,7 @@ class SessionMetrics:
         self._billed = meter.create_histogram_float(
             "sessionflow_avatar_billed_seconds", "avatar seconds billed per closed session (the sum is the total)", "s"
         )
-        self._recoveries_seen = 0
+        self._recoveries_seen = len(machine.recoveries)  # a run that continued from another counted those
 
     def saw(self, commands: Sequence[Command], machine: SessionMachine) -> None:
         """Count what `commands` say happened (the machine is read only for its recoveries)."""

@@ -35,6 +35,9 @@ ROOM_PREFIX = "session-"
 # A deployment's name (settings `SESSIONFLOW_DEPLOYMENT`): no '-', so one deployment's prefix never starts another's.
 Deployment = Annotated[str, StringConstraints(pattern=r"^[a-z0-9]{1,20}$")]
 MAX_METADATA_BYTES = 4096
+# The lowest history length at which a session may be told to continue as new (starter setting
+# `continue_as_new_after_events`): a new run's own first events must never be enough to make it continue again.
+CONTINUE_AS_NEW_MIN_EVENTS = 32
 # Identities the engine itself uses in a room; a human participant may not take them.
 RESERVED_IDENTITY_PREFIXES = ("avatar-", "monitor-")
 

@@ -36,6 +36,7 @@ with workflow.unsafe.imports_passed_through():
         CancelKeepAlive,
         CancelMonitor,
         CancelRequested,
+        CarriedSession,
         Command,
         Consent,
         CreateAvatarSession,
@@ -76,8 +77,8 @@ with workflow.unsafe.imports_passed_through():
         TrackUnpublished,
     )
     from workflows.metrics import SessionMetrics
-    from workflows.models import AvatarCreated as AvatarCreatedResult
     from workflows.models import (
+        CONTINUE_AS_NEW_MIN_EVENTS,
         AvatarRef,
         ConsentRequest,
         EndReason,
@@ -95,6 +96,7 @@ with workflow.unsafe.imports_passed_through():
         StartAvatarInput,
         StartRecordingInput,
     )
+    from workflows.models import AvatarCreated as AvatarCreatedResult
     from workflows.search_attributes import (
         AVATAR_BILLED_SECONDS,
         AVATAR_SESSION_ID,
@@ -126,11 +128,15 @@ PATCH_ROOM_MONITOR = "room-monitor"  # a room monitor (media task queue) reports
 PATCH_AVATAR_MEDIA_WATCH = "avatar-media-watch"
 # The room is created by a local activity: a join (update-with-start) is answered in the session's first workflow task.
 PATCH_LOCAL_ROOM_CREATE = "local-room-create"
+PATCH_CONTINUE_AS_NEW = "continue-as-new"  # a long session continues as new, carrying its whole state
 
 # The room monitor: its worker's death shows within this. Its task queue is the starter's choice (this memo key;
 # an empty or missing one runs no monitor, e.g. time-skipping tests, where a long activity would stop the clock).
 MONITOR_HEARTBEAT = timedelta(seconds=5)
 MEDIA_QUEUE_MEMO = "media_task_queue"
+# A session continues as new once its history has this many events (the starter's `continue_as_new_after_events`;
+# missing or 0: only when the server suggests it, `limit.historyCount.suggestContinueAsNew` and the size limit).
+CONTINUE_AS_NEW_MEMO = "continue_as_new_after"
 
 
 class Bug(RuntimeError):
@@ -141,18 +147,27 @@ class Bug(RuntimeError):
 @workflow.defn
 class SessionWorkflow:
     @workflow.init
-    def __init__(self, spec: SessionSpec) -> None:
-        self._spec = spec
-        self._machine = SessionMachine(spec, started_at=workflow.now())
+    def __init__(self, start: SessionSpec | CarriedSession) -> None:
+        # A new session's spec, or (continue-as-new) the whole state of the run before, its spec included. One
+        # argument either way: the SDK decodes by type hints only when their count matches the payloads'.
+        self._carried = isinstance(start, CarriedSession)  # this run continued from an earlier one
+        if isinstance(start, CarriedSession):
+            self._machine = SessionMachine.carried(start)
+        else:
+            self._machine = SessionMachine(start, started_at=workflow.now())
+        spec = self._spec = self._machine.spec
         self._keepalives: dict[str, asyncio.Task[None]] = {}  # avatar session id -> its keep-alive
         self._monitor: asyncio.Task[None] | None = None
         self._bug: BaseException | None = None
-        self._metrics = SessionMetrics(spec.kind.value)
+        self._metrics = SessionMetrics(spec.kind.value, self._machine)
+        self._may_continue = False  # set in `_live`: sessions started before the patch never continue as new
+        self._one_shots = 0  # one-shot activities in flight (room, avatar, recording): none at a switch
 
     # ---- the run: platform concerns --------------------------------------------------------------------------
 
     @workflow.run
-    async def run(self, spec: SessionSpec) -> SessionOutcome:
+    async def run(self, start: SessionSpec | CarriedSession) -> SessionOutcome:
+        spec = self._spec
         try:
             await self._live()
             await self._until(lambda: self._machine.finished)
@@ -186,19 +201,29 @@ class SessionWorkflow:
         return self._machine.outcome()
 
     async def _live(self) -> None:
-        """Run until the machine decides the session ends, waking it at each deadline it names."""
-        if workflow.patched(PATCH_ROOM_MONITOR) and self._media_task_queue():
-            self._machine.enable_monitor()
-            if workflow.patched(PATCH_AVATAR_MEDIA_WATCH):
-                self._machine.enable_avatar_media_watch()
-        self._execute(self._machine.begin())
+        """Run until the machine decides the session ends, waking it at each deadline it names; continue as
+        new at the first quiet moment once the history is long."""
+        if self._carried:
+            # The room, the avatar sessions and their billing carry on as they were: only the watchers restart.
+            self._may_continue = True
+            self._execute(self._machine.resume())
+        else:
+            if workflow.patched(PATCH_ROOM_MONITOR) and self._media_task_queue():
+                self._machine.enable_monitor()
+                if workflow.patched(PATCH_AVATAR_MEDIA_WATCH):
+                    self._machine.enable_avatar_media_watch()
+            self._may_continue = workflow.patched(PATCH_CONTINUE_AS_NEW)
+            self._execute(self._machine.begin())
         workflow.set_current_details(current_details(self._machine.state()))
         while not self._machine.ending:
+            if self._ready_to_continue():
+                self._continue_as_new()
             deadline = self._machine.next_deadline()
             assert deadline is not None
             timeout = max((deadline.at - workflow.now()).total_seconds(), 0.0)
             try:
-                # Wake on the end, or when the next deadline moved (an extend, a join); else when it is due.
+                # Wake on the end, when the next deadline moved (an extend, a join), or at a moment to continue as
+                # new; else when the deadline is due.
                 await self._until(
                     self._ended_or_moved(deadline),
                     timeout=timedelta(seconds=timeout),
@@ -209,7 +234,50 @@ class SessionWorkflow:
 
     def _ended_or_moved(self, deadline: Deadline) -> Callable[[], bool]:
         """The wait's condition for this `deadline` (bound here, not to the loop's variable)."""
-        return lambda: self._machine.ending is not None or self._deadline_moved(deadline)
+        return lambda: self._machine.ending is not None or self._deadline_moved(deadline) or self._ready_to_continue()
+
+    # ---- continue-as-new: a long session's history stays small ----------------------------------------------
+
+    def _history_long(self) -> bool:
+        """The server suggests continuing as new (history count or size), or the history passed the starter's
+        threshold (memo `continue_as_new_after`)."""
+        info = workflow.info()
+        if info.is_continue_as_new_suggested():
+            return True
+        after = self._continue_as_new_after()
+        return after > 0 and info.get_current_history_length() >= after
+
+    @staticmethod
+    def _continue_as_new_after() -> int:
+        """The starter's threshold, never below CONTINUE_AS_NEW_MIN_EVENTS (0: none)."""
+        value = workflow.memo_value(CONTINUE_AS_NEW_MEMO, 0)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            return 0
+        return max(value, CONTINUE_AS_NEW_MIN_EVENTS)
+
+    def _ready_to_continue(self) -> bool:
+        """Time to continue as new, and a quiet moment to do it: no one-shot activity in flight (its answer would
+        find no one), every update answered (an update still running would be lost with this run)."""
+        return (
+            self._may_continue
+            and self._history_long()
+            and self._one_shots == 0
+            and self._machine.quiet
+            and workflow.all_handlers_finished()
+        )
+
+    def _continue_as_new(self) -> NoReturn:
+        """Close this run and start the next with the machine's whole state (the same workflow id, memo and
+        search attributes). The keep-alives and the room monitor of this run are not cancelled: they find this
+        run closed at their next heartbeat and stop without releasing anything (the session still runs, see
+        `keep_avatar_alive`), while the next run starts its own. A signal that arrives meanwhile makes the server
+        refuse this completion; the task runs again with the signal applied first, so nothing is lost."""
+        carried = self._machine.carry()
+        workflow.logger.info(
+            "session continues as new",
+            extra={"history_events": workflow.info().get_current_history_length(), "run": carried.runs},
+        )
+        workflow.continue_as_new(carried)
 
     def _deadline_moved(self, deadline: Deadline) -> bool:
         now = self._machine.next_deadline()
@@ -343,6 +411,7 @@ class SessionWorkflow:
         """One activity for one command; its result goes back to the machine as an event. Cleanup steps
         (`failed` None) retry until they succeed: a failure reaching here is a bug. `local`: run it as a local
         activity (in this worker, inside the current workflow task; no heartbeat)."""
+        self._one_shots += 1
         try:
             if local:
                 await workflow.execute_local_activity(
@@ -366,11 +435,14 @@ class SessionWorkflow:
             # timeout), not wrapped in an `ActivityError`; anything else is not a failure of the call.
             if failed is None or not (isinstance(e, ActivityError) or local):
                 raise
+            self._one_shots -= 1
             self._apply(failed(_describe(e)))
             return
+        self._one_shots -= 1
         self._apply(succeeded())
 
     async def _create_avatar(self, request: object) -> None:
+        self._one_shots += 1
         try:
             created: AvatarCreatedResult = await workflow.execute_activity(
                 "create_avatar_session",
@@ -381,11 +453,14 @@ class SessionWorkflow:
                 summary="create avatar session (token, not billed)",
             )
         except ActivityError as e:
+            self._one_shots -= 1
             self._apply(AvatarCreateFailed(_describe(e)))
             return
+        self._one_shots -= 1
         self._apply(AvatarCreated(created.avatar_session_id, created.session_token))
 
     async def _start_recording(self, request: StartRecordingInput) -> None:
+        self._one_shots += 1
         try:
             started: RecordingStarted = await workflow.execute_activity(
                 "start_recording",
@@ -397,9 +472,11 @@ class SessionWorkflow:
             )
         except ActivityError as e:
             # The activity's own message names the call and the server's answer; its causes only the plumbing.
+            self._one_shots -= 1
             cause = e.cause
             self._apply(RecordingStartFailed(cause.message if isinstance(cause, ApplicationError) else _describe(e)))
             return
+        self._one_shots -= 1
         self._apply(RecordingBegan(started.egress_id))
 
     async def _keep_alive(self, avatar_id: str) -> None:

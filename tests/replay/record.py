@@ -34,9 +34,11 @@ from workflows.search_attributes import SEARCH_ATTRIBUTES
 # rooms named with the deployment (`session-<deployment>-<id>`); v4 the room monitor
 # (`workflow.patched("room-monitor")`), recorded on its own branch; v6 the status upsert carrying support's search
 # attributes (`workflow.patched("support-search-attributes")`); v7 the monitor watching the avatar's audio and
-# first frames (`workflow.patched("avatar-media-watch")`); v7-local-room, recorded beside v7 on its own branch, the
-# room created by a local activity, a join answered in the session's first workflow task
-# (`workflow.patched("local-room-create")`); v8 the next recordings, with all of these.
+# first frames (`workflow.patched("avatar-media-watch")`), and continue-as-new (`workflow.patched("continue-as-new")`):
+# the first run of a session that continued as new, and its last run, started from the carried state (both v7
+# recorded on branches of their own at the same time); v7-local-room, the room created by a local activity, a join
+# answered in the session's first workflow task (`workflow.patched("local-room-create")`); v8 the next recordings,
+# with all of these.
 CORPUS_VERSION = "v8"
 HISTORIES = Path(__file__).parent / "histories"
 

@@ -19,7 +19,7 @@ from temporalio.worker import Replayer
 from temporalio.workflow import NondeterminismError
 
 from tests.support.mutations import MUTATIONS
-from workflows.machine import SessionMachine
+from workflows.machine import CarriedSession, SessionMachine
 from workflows.models import SessionOutcome, SessionSpec
 from workflows.session import QUICK, SessionWorkflow
 
@@ -55,6 +55,9 @@ EXPECTED = {
     *(f"{name}.v4" for name in ("monitor_quality_and_tracks", "monitor_room_lost", "monitor_avatar_frozen")),
     # The monitor watches the avatar's audio and first frames (workflow.patched("avatar-media-watch")).
     "monitor_avatar_silent.v7",
+    # Continue-as-new (workflow.patched("continue-as-new")): a first run ending in the switch, a last run started
+    # from the carried state.
+    "continue_as_new.v7", "continued_as_new.v7",
 }
 
 
@@ -94,9 +97,9 @@ class SessionWorkflowWithAnExtraStep(SessionWorkflow):
     """A careless change: one more activity before the session starts, without `workflow.patched`."""
 
     @workflow.run
-    async def run(self, spec: SessionSpec) -> SessionOutcome:
+    async def run(self, start: SessionSpec | CarriedSession) -> SessionOutcome:
         await workflow.execute_activity("prewarm_avatar", start_to_close_timeout=timedelta(seconds=5), retry_policy=QUICK)
-        return await super().run(spec)
+        return await super().run(start)
 
 
 @pytest.mark.parametrize("history", ["full_avatar_interview", "interview_happy_path.v2"])

@@ -17,13 +17,14 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from temporalio import activity
-from temporalio.client import WorkflowHandle
+from temporalio.client import Client, WorkflowHandle, WorkflowHistory
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
 from config.settings import Settings
 from starters.client import SessionClient, SessionEnded
+from tests.support.binaries import venv_binary
 from tests.support.polling import eventually
 from tests.support.worlds import Outcome, ScriptedWorld, StubWorld
 from workflows.models import (
@@ -38,6 +39,7 @@ from workflows.models import (
     SessionSpec,
     StartRecordingInput,
 )
+from workflows.search_attributes import SEARCH_ATTRIBUTES
 from workflows.session import SessionWorkflow
 
 AVATAR = "dd73ea75-1218-4ef3-92ce-606d5f7fbc0a"
@@ -65,10 +67,11 @@ class Rig:
     worker: Worker | None = None
     running: asyncio.Task[None] | None = None
     media_task_queue: str = ""  # none: no room monitor (a long-running activity stops the time-skipping clock)
+    continue_as_new_after: int = 0  # history events (0: only when the server suggests it)
 
     @property
     def sessions(self) -> SessionClient:
-        settings = Settings(media_task_queue=self.media_task_queue)
+        settings = Settings(media_task_queue=self.media_task_queue, continue_as_new_after_events=self.continue_as_new_after)
         return SessionClient(self.env.client, settings, task_queue=self.task_queue)
 
     def start_worker(self) -> None:
@@ -512,6 +515,87 @@ async def monitor_avatar_silent(env: WorkflowEnvironment) -> Handle:
         await r.sessions.end(s.session_id, "interview over")
         await handle.result()
         return handle
+# ---- continue-as-new (v7): a long session switches runs carrying its state ---------------------------------------
+
+
+@asynccontextmanager
+async def dev_server(like: WorkflowEnvironment) -> AsyncIterator[WorkflowEnvironment]:
+    """The real dev server, with `like`'s data converter: the Java test server does not run a continued run's
+    workflow tasks (its queries time out), so the continue-as-new scenarios record there."""
+    env = await WorkflowEnvironment.start_local(
+        dev_server_existing_path=venv_binary("temporal"), search_attributes=list(SEARCH_ATTRIBUTES),
+        data_converter=like.client.data_converter, dev_server_log_level="error",
+    )
+    try:
+        yield env
+    finally:
+        await env.shutdown()
+
+
+async def _continuing_session(env: WorkflowEnvironment) -> tuple[Handle, list[str]]:
+    """A monitored avatar session with a lowered threshold: room reports push it over, it continues as new, and
+    then people come and go, the session is extended and ended in the new run. Returns the handle and its runs."""
+    async with monitored_rig(env, StubWorld()) as r:
+        r.continue_as_new_after = 40
+        s = spec("continue-as-new", avatar={"avatar_id": AVATAR})
+        handle = await r.sessions.start(s)
+        await r.sessions.join_running(s.session_id, "cand")
+        await tell(handle, RoomEventKind.PARTICIPANT_JOINED, "cand", sid="PA_1")
+        await r.state_is(s, lambda st: st.status == "live" and any(b.started_at for b in st.avatar_billing),
+                         "the avatar live")
+        for n in range(30):
+            await tell(handle, RoomEventKind.TRACK_PUBLISHED, "cand", track_sid=f"TR_{n}", track_kind="audio")
+        await eventually(lambda: _runs(env.client, handle.id), what="the session to continue as new", timeout=30)
+        await r.state_is(s, lambda st: len(st.tracks.get("cand", [])) == 30, "every report in the new run")
+        await r.sessions.join_running(s.session_id, "panel")
+        await tell(handle, RoomEventKind.PARTICIPANT_JOINED, "panel", sid="PA_2")
+        await tell(handle, RoomEventKind.QUALITY_CHANGED, "cand", quality=ConnectionLevel.POOR, detail="loss 12.0%")
+        await r.sessions.extend(s.session_id, timedelta(minutes=5))
+        await r.sessions.end(s.session_id, "interview over")
+        await handle.result()
+        runs = await _runs(env.client, handle.id)
+        assert runs is not None
+        return handle, runs
+
+
+async def _runs(client: Client, workflow_id: str) -> list[str] | None:
+    """The run ids of the session so far, first to last, once there is more than one."""
+    run_id = (await client.get_workflow_handle(workflow_id).describe()).run_id
+    runs = [run_id]
+    while True:
+        history = await client.get_workflow_handle(workflow_id, run_id=run_id).fetch_history()
+        run_id = history.events[0].workflow_execution_started_event_attributes.continued_execution_run_id
+        if not run_id:
+            return runs if len(runs) > 1 else None
+        runs.insert(0, run_id)
+
+
+async def continue_as_new(env: WorkflowEnvironment) -> Handle:
+    """The first run of a session that continued as new: its history ends with the switch."""
+    return await _one_run(env, first=True)
+
+
+async def continued_as_new(env: WorkflowEnvironment) -> Handle:
+    """The last run of a session that continued as new: it starts from the carried state and ends the session."""
+    return await _one_run(env, first=False)
+
+
+async def _one_run(like: WorkflowEnvironment, *, first: bool) -> Handle:
+    """One run's history, fetched before its dev server goes (the handle returned reads it from memory)."""
+    async with dev_server(like) as env:
+        handle, runs = await _continuing_session(env)
+        history = await env.client.get_workflow_handle(handle.id, run_id=runs[0 if first else -1]).fetch_history()
+    return _RecordedRun(history)  # type: ignore[return-value]  # duck-typed: the recorder only fetches its history
+
+
+@dataclass
+class _RecordedRun:
+    """Stands in for a handle whose server has gone: `fetch_history` gives the history kept."""
+
+    history: WorkflowHistory
+
+    async def fetch_history(self) -> WorkflowHistory:
+        return self.history
 
 
 SCENARIOS: dict[str, Callable[[WorkflowEnvironment], Awaitable[Handle]]] = {
@@ -521,5 +605,6 @@ SCENARIOS: dict[str, Callable[[WorkflowEnvironment], Awaitable[Handle]]] = {
         no_show, max_duration, extend, end_during_avatar_start, cancel, terminate_live, worker_killed_mid_start,
         livekit_down, room_create_fails, cancel_after_end, consent_recording, consent_recording_refused,
         monitor_quality_and_tracks, monitor_room_lost, monitor_avatar_frozen, monitor_avatar_silent, join_with_start,
+        continue_as_new, continued_as_new,
     )
 }

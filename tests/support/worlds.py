@@ -51,6 +51,7 @@ class StubWorld:
     keepalive_returns: bool = False  # keep-alive ends at once (the test server skips no time while it runs)
     create_room_gate: asyncio.Event | None = None  # create_room waits for it (the room is still being created)
     delete_room_gate: asyncio.Event | None = None  # delete_room waits for it (a cleanup still running)
+    start_avatar_gate: asyncio.Event | None = None  # start_avatar_session waits for it (billing about to start)
     avatars: int = 0
 
     def names(self) -> list[str]:
@@ -83,6 +84,7 @@ class StubWorld:
     @activity.defn(name="start_avatar_session")
     async def start_avatar_session(self, inp: StartAvatarInput) -> None:
         self.calls.append(("start_avatar_session", inp.avatar_session_id))
+        await _wait_for(self.start_avatar_gate)
         if self.start_avatar_error:
             raise self.start_avatar_error
 
