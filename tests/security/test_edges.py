@@ -22,6 +22,7 @@ from temporalio.client import WorkflowHistory
 
 from config.settings import DEFAULT_AVATAR_ID
 from tests.support.codec import corpus_data_converter
+from workflows.machine import CarriedSession
 from workflows.models import ConsentRequest, EndRequest, ExtendRequest, JoinRequest, SessionKind, SessionSpec
 
 HISTORIES = sorted((Path(__file__).parents[1] / "replay" / "histories").glob("*.json"))
@@ -111,7 +112,9 @@ def _recorded_inputs() -> list[tuple[str, type[BaseModel], Payload]]:
         for event in history.events:
             if event.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_STARTED:
                 attributes = event.workflow_execution_started_event_attributes
-                found += [(path.stem, SessionSpec, p) for p in attributes.input.payloads]
+                # A run that continued an earlier one starts from the carried state, not a spec.
+                started_as = CarriedSession if attributes.continued_execution_run_id else SessionSpec
+                found += [(path.stem, started_as, p) for p in attributes.input.payloads]
             elif event.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_ACCEPTED:
                 accepted = event.workflow_execution_update_accepted_event_attributes.accepted_request.input
                 found += [(path.stem, models[accepted.name], p) for p in accepted.args.payloads]
@@ -122,10 +125,16 @@ async def test_every_recorded_input_still_reads() -> None:
     """What earlier releases wrote (lax models, no `spec` in a join) reads under the strict models, in JSON
     mode as the converter reads it; `tests/replay` replays the same histories whole."""
     inputs = _recorded_inputs()
-    assert {model for _, model, _ in inputs} == {SessionSpec, JoinRequest, EndRequest, ExtendRequest, ConsentRequest}
+    assert {model for _, model, _ in inputs} == {
+        SessionSpec, CarriedSession, JoinRequest, EndRequest, ExtendRequest, ConsentRequest,
+    }
     converter = corpus_data_converter()  # the corpus is encrypted with its test key
+    started: dict[str, SessionSpec] = {}  # each history's spec (its started event comes first)
     for name, model, payload in inputs:
         [value] = await converter.decode([payload], [model])
         assert isinstance(value, model), name
+        if isinstance(value, SessionSpec | CarriedSession):
+            started.setdefault(name, value if isinstance(value, SessionSpec) else value.spec)
         if isinstance(value, JoinRequest):
-            assert value.spec is None  # recorded before joins carried their spec
+            # Recorded before joins carried their spec, or (update-with-start) carrying the very spec it started.
+            assert value.spec is None or value.spec == started[name], name
