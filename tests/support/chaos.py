@@ -44,7 +44,7 @@ from activities.avatar import KEEPALIVE_EVERY
 from config.settings import DEFAULT_AVATAR_ID, Settings
 from sandbox.media import join_room
 from sandbox.stack import REPO_ROOT, SERVICE_NAMES, LocalStack, StackPorts
-from starters.client import SessionClient
+from starters.client import SessionClient, TemporalUnavailable, Unavailable
 from tests.support.polling import eventually
 from tests.support.specs import interview
 from workflows.models import AvatarStart, SessionOutcome, SessionSpec, SessionState
@@ -322,8 +322,10 @@ class Scenario:
             return state if ok(state) else None
 
         try:
-            # An RPCError (e.g. a query while the dev server restarts) means "not yet", and is named if it was the last.
-            return await eventually(check, what=f"{spec.session_id}: {what}", timeout=timeout, every=0.5, retry_on=(RPCError,))
+            # No answer (an RPCError while the dev server restarts; the client's "safe to retry" errors for a query that
+            # landed on a worker being killed) means "not yet", and is named if it was the last.
+            return await eventually(check, what=f"{spec.session_id}: {what}", timeout=timeout, every=0.5,
+                                    retry_on=(RPCError, Unavailable, TemporalUnavailable))
         except AssertionError as e:
             last = seen[-1].model_dump(include=_STATE_SHOWN) if seen else None
             raise AssertionError(f"{e}; last state seen: {last}") from None
