@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import statistics
 import sys
@@ -48,8 +47,10 @@ from activities.livekit import mint_token
 from bench.common import (
     cdf_plot,
     closed_loop,
+    direct_room,
     end_sessions,
     leftovers,
+    livekit_api,
     machine,
     parse_levels,
     print_leftovers,
@@ -66,8 +67,7 @@ from config.settings import DEFAULT_AVATAR_ID, Settings
 from starters.client import SessionClient
 from workers.temporal import connect
 from workers.worker import build_worker
-from workflows.machine import PARTICIPANT_TOKEN_TTL
-from workflows.models import MintTokenInput, Role, SessionSpec, avatar_identity_prefix
+from workflows.models import MintTokenInput, SessionSpec, avatar_identity_prefix
 
 DEFAULT_LEVELS = "1:10,5:15"
 DEFAULT_JSON = ".sessionflow/bench-avatar-in-room.json"
@@ -114,8 +114,8 @@ class Bench:
         self.traced: list[tuple[str, float, dict[str, float]]] = []  # engine samples: id, sent (epoch s), client ms
 
     def lk(self) -> api.LiveKitAPI:
-        s = self.settings
-        return api.LiveKitAPI(s.livekit_http_url, s.livekit_api_key, s.livekit_api_secret.get_secret_value())
+        lk: api.LiveKitAPI = livekit_api(self.settings)
+        return lk
 
     def liveavatar(self) -> LiveAvatarClient:
         s = self.settings
@@ -159,12 +159,7 @@ class Bench:
         self.direct_rooms.add(room)
         t0 = time.monotonic()
         try:
-            async with self.lk() as lk:
-                await lk.room.create_room(api.CreateRoomRequest(
-                    name=room, empty_timeout=180, departure_timeout=60, max_participants=4,
-                    metadata=json.dumps({"bench": "avatar_in_room"})))
-            token, _ = mint_token(s, MintTokenInput(room=room, identity="cand", role=Role.CANDIDATE,
-                                                    ttl=PARTICIPANT_TOKEN_TTL))
+            token = await direct_room(s, room, "avatar_in_room")
             async with watching_participant(s.livekit_url, token) as watch:
                 t_connected = time.monotonic()
                 avatar_token, _ = mint_token(s, MintTokenInput(

@@ -474,3 +474,27 @@ class WorkerProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+
+def livekit_api(settings: Any) -> Any:
+    """A LiveKit server API client for `settings` (use as `async with`)."""
+    from livekit import api
+
+    s = settings
+    return api.LiveKitAPI(s.livekit_http_url, s.livekit_api_key, s.livekit_api_secret.get_secret_value())
+
+
+async def direct_room(settings: Any, room: str, bench: str) -> str:
+    """A baseline's LiveKit work without Temporal: create `room` as a session would, and mint its candidate's token
+    (returned)."""
+    from livekit import api
+
+    from activities.livekit import mint_token
+    from workflows.machine import PARTICIPANT_TOKEN_TTL
+    from workflows.models import MintTokenInput, Role
+
+    async with livekit_api(settings) as lk:
+        await lk.room.create_room(api.CreateRoomRequest(
+            name=room, empty_timeout=180, departure_timeout=60, max_participants=4, metadata=json.dumps({"bench": bench})))
+    token, _ = mint_token(settings, MintTokenInput(room=room, identity="cand", role=Role.CANDIDATE, ttl=PARTICIPANT_TOKEN_TTL))
+    return str(token)

@@ -56,6 +56,7 @@ from bench.common import (
     cdf_plot,
     end_sessions,
     leftovers,
+    livekit_api,
     machine,
     print_leftovers,
     print_table,
@@ -126,8 +127,8 @@ class Bench:
         self.release_mechanisms: dict[str, list[str]] = {}  # "avatar: room" -> who released it, per repetition
 
     def lk(self) -> api.LiveKitAPI:
-        s = self.settings
-        return api.LiveKitAPI(s.livekit_http_url, s.livekit_api_key, s.livekit_api_secret.get_secret_value())
+        lk: api.LiveKitAPI = livekit_api(self.settings)
+        return lk
 
     def room_of(self, s: SessionSpec) -> str:
         room: str = s.model_copy(update={"deployment": self.settings.deployment}).room_name

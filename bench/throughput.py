@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import sys
 import time
@@ -36,12 +35,13 @@ from typing import Any
 
 from livekit import api
 
-from activities.livekit import mint_token
 from bench.common import (
     closed_loop,
+    direct_room,
     end_sessions,
     figure,
     leftovers,
+    livekit_api,
     machine,
     parse_levels,
     print_leftovers,
@@ -58,8 +58,7 @@ from sandbox.media import join_room
 from starters.client import SessionClient
 from workers.temporal import connect
 from workers.worker import build_worker
-from workflows.machine import PARTICIPANT_TOKEN_TTL
-from workflows.models import MintTokenInput, Role, SessionSpec, SessionStatus
+from workflows.models import SessionSpec, SessionStatus
 
 DEFAULT_LEVELS = "10:40,50:100"
 DEFAULT_AVATAR_LEVELS = "10:30"
@@ -94,8 +93,8 @@ class Bench:
         self.direct_rooms: set[str] = set()
 
     def lk(self) -> api.LiveKitAPI:
-        s = self.settings
-        return api.LiveKitAPI(s.livekit_http_url, s.livekit_api_key, s.livekit_api_secret.get_secret_value())
+        lk: api.LiveKitAPI = livekit_api(self.settings)
+        return lk
 
     def _record(self, **ms: float) -> None:
         for step, value in ms.items():
@@ -136,12 +135,7 @@ class Bench:
         self.direct_rooms.add(room)
         t0 = time.monotonic()
         try:
-            async with self.lk() as lk:
-                await lk.room.create_room(api.CreateRoomRequest(
-                    name=room, empty_timeout=180, departure_timeout=60, max_participants=4,
-                    metadata=json.dumps({"bench": "throughput"})))
-            token, _ = mint_token(s, MintTokenInput(room=room, identity="cand", role=Role.CANDIDATE,
-                                                    ttl=PARTICIPANT_TOKEN_TTL))
+            token = await direct_room(s, room, "throughput")
             t_created = time.monotonic()
             async with join_room(s.livekit_url, token, publish_media=False):
                 t_connect = time.monotonic()
