@@ -47,6 +47,7 @@ from activities.livekit import mint_token
 from bench.common import (
     cdf_plot,
     closed_loop,
+    delete_rooms,
     direct_room,
     end_sessions,
     leftovers,
@@ -194,15 +195,7 @@ class Bench:
                 for avatar_session_id in list(self.direct_avatars):
                     await la.stop_session_confirmed(avatar_session_id)
                     self.direct_avatars.discard(avatar_session_id)
-        if self.direct_rooms:
-            async with self.lk() as lk:
-                for room in list(self.direct_rooms):
-                    try:
-                        await lk.room.delete_room(api.DeleteRoomRequest(room=room))
-                    except api.TwirpError as e:
-                        if e.code != "not_found":
-                            raise
-                    self.direct_rooms.discard(room)
+        await delete_rooms(self.settings, self.direct_rooms)
 
     async def cleanup(self) -> None:
         await end_sessions(self.sessions, sorted(self.open_sessions), self.failures)

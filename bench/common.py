@@ -498,3 +498,19 @@ async def direct_room(settings: Any, room: str, bench: str) -> str:
             name=room, empty_timeout=180, departure_timeout=60, max_participants=4, metadata=json.dumps({"bench": bench})))
     token, _ = mint_token(settings, MintTokenInput(room=room, identity="cand", role=Role.CANDIDATE, ttl=PARTICIPANT_TOKEN_TTL))
     return str(token)
+
+
+async def delete_rooms(settings: Any, rooms: set[str]) -> None:
+    """Delete each of `rooms` on LiveKit (one already gone is fine), taking it out of the set as it goes."""
+    from livekit import api
+
+    if not rooms:
+        return
+    async with livekit_api(settings) as lk:
+        for room in list(rooms):
+            try:
+                await lk.room.delete_room(api.DeleteRoomRequest(room=room))
+            except api.TwirpError as e:
+                if e.code != "not_found":
+                    raise
+            rooms.discard(room)

@@ -37,6 +37,7 @@ from livekit import api
 
 from bench.common import (
     closed_loop,
+    delete_rooms,
     direct_room,
     end_sessions,
     figure,
@@ -152,15 +153,7 @@ class Bench:
     async def cleanup(self) -> None:
         await end_sessions(self.sessions, sorted(self.open_sessions), self.failures)
         self.open_sessions.clear()
-        if self.direct_rooms:
-            async with self.lk() as lk:
-                for room in list(self.direct_rooms):
-                    try:
-                        await lk.room.delete_room(api.DeleteRoomRequest(room=room))
-                    except api.TwirpError as e:
-                        if e.code != "not_found":
-                            raise
-                    self.direct_rooms.discard(room)
+        await delete_rooms(self.settings, self.direct_rooms)
 
 
 async def run_level(bench: Bench, kind: str, concurrency: int, n: int) -> dict[str, Any]:

