@@ -195,8 +195,11 @@ class ScriptedWorld:
     async def _hold(self, activity_name: str, key: str) -> Outcome:
         info = activity.info()
         # A local activity (the room create) cut short by a worker's loss runs again from attempt 1 on the next
-        # worker: the same operation, still unsettled, not a second one.
-        if info.attempt == 1 and (activity_name, key) not in self.unsettled:
+        # worker: the same operation, still unsettled, not a second one. And one that ran to the end but whose
+        # workflow task was not recorded (timed out, or its completion refused) runs again too: asking LiveKit for a
+        # room that exists is idempotent, not a second room.
+        again = activity_name == "create_room" and key in self.rooms
+        if info.attempt == 1 and (activity_name, key) not in self.unsettled and not again:
             self.first_calls[(activity_name, key)] += 1
             self.unsettled.add((activity_name, key))
         call = Call(activity_name, key, asyncio.get_running_loop().create_future())
